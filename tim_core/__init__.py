@@ -1,0 +1,14 @@
+"""tim_core: the Transition Model method in pure PyTorch (paths, objective, network, sampler, EMA)."""
+
+from .ema import EMA
+from .io import load_pretrained, save_pretrained
+from .model import PRESETS, TiM, build_model
+from .objective import OBJECTIVES, FlowMatchingLoss, MeanFlowLoss, TransitionLoss, build_objective
+from .sampler import SampleResult, sample, time_grid
+from .transports import TRANSPORTS, Transport, get_transport
+
+__all__ = [
+    "EMA", "load_pretrained", "save_pretrained", "PRESETS", "TiM", "build_model", "OBJECTIVES",
+    "FlowMatchingLoss", "MeanFlowLoss", "TransitionLoss", "build_objective", "SampleResult", "sample",
+    "time_grid", "TRANSPORTS", "Transport", "get_transport",
+]

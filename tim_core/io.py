@@ -1,0 +1,56 @@
+"""Save and load a trained network with its path: safetensors weights plus a JSON config, no training stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import TiM, build_model
+from .transports import Transport, get_transport
+
+__all__ = ["save_pretrained", "load_pretrained"]
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_pretrained(model: TiM, directory: str | os.PathLike, transport: Transport, extra: dict | None = None,
+                    state_dict: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` ({"model", "transport", **extra}) into ``directory``.
+
+    Written to a temporary sibling and renamed, so a crash never leaves a half-written model that looks
+    complete. ``state_dict`` overrides the model's own weights (e.g. the EMA shadow).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or model.state_dict()).items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        config = {"model": model.config, "transport": {"name": transport.name, **transport.params}, **(extra or {})}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[TiM, Transport]:
+    """Rebuild the network and its path from a directory written by ``save_pretrained``; eval mode."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} is missing: not a saved TiM model directory")
+    config = json.loads((directory / CONFIG).read_text())
+    model = build_model(**config["model"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS), device="cpu"))
+    transport = get_transport(**config["transport"])
+    return model.to(device).eval(), transport
