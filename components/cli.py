@@ -1,0 +1,76 @@
+"""`tim` command line: one thin command per pipeline stage, each calling components/<stage>.py.
+
+Heavy libraries (great_expectations, webdataset, boto3, torch) are imported inside the stage modules'
+functions or the commands, so `tim --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from components.errors import TimError
+
+
+class TimApp(typer.Typer):
+    """Typer app that turns user-fixable errors into `error: <message>` on stderr and exit status 2."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except TimError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+
+app = TimApp(help="Transition Models (TiM) pipeline.", no_args_is_help=True, add_completion=False)
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml; each stage reads its own section.")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def prepare(
+    params: Path = PARAMS,
+    out: Path = typer.Option(Path("data/prepared"), help="Output folder: images/, manifest.csv, dataset.json."),
+) -> None:
+    """Read raw images (mnist5k, imagefolder or s3), split train/val, write PNGs and a manifest."""
+    from components import prepare as stage
+
+    stage.run(params, out)
+
+
+@app.command()
+def validate(
+    params: Path = PARAMS,
+    prepared: Path = typer.Option(Path("data/prepared"), help="Output of `tim prepare`."),
+    out: Path = typer.Option(Path("data/validated"), help="Output folder: result.json, docs/, validated manifest."),
+) -> None:
+    """Check the manifest with great-expectations; fails (exit 2) naming each failed expectation."""
+    from components import validate as stage
+
+    stage.run(params, prepared, out)
+
+
+@app.command()
+def shard(
+    params: Path = PARAMS,
+    prepared: Path = typer.Option(Path("data/prepared"), help="Output of `tim prepare` (the images)."),
+    validated: Path = typer.Option(Path("data/validated"), help="Output of `tim validate` (the gate)."),
+    out: Path = typer.Option(Path("data/shards"), help="Output folder: index.json, train/, val/ tar shards."),
+) -> None:
+    """Pack validated images into webdataset tar shards per split, with index.json."""
+    from components import shard as stage
+
+    stage.run(params, prepared, validated, out)
+
+
+if __name__ == "__main__":
+    app()
