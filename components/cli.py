@@ -33,7 +33,9 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml; each s
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; libraries (great_expectations is chatty) only when they warn, unless -v.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("components").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @app.command()

@@ -145,7 +145,7 @@ def run_suites(tables: dict[str, tuple[Any, list[str]]], suites: dict[str, list]
 
     docs_site = {
         "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     }
     config = DataContextConfig(
