@@ -74,5 +74,18 @@ def shard(
     stage.run(params, prepared, validated, out)
 
 
+@app.command()
+def train(
+    params: Path = PARAMS,
+    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard`."),
+    out: Path = typer.Option(Path("models/tim"), help="Output folder: EMA weights (model.safetensors, config.json)."),
+    run_file: Path = typer.Option(Path("models/train_run.json"), help="JSON naming the MLflow run and final step."),
+) -> None:
+    """Train with Ray Train + DeepSpeed ZeRO, tracked in MLflow; rerunning resumes from the last checkpoint."""
+    from components import train as stage
+
+    stage.run(params, shards, out, run_file)
+
+
 if __name__ == "__main__":
     app()

@@ -64,15 +64,29 @@ def _ray_address(params: TrainParams) -> str | None:
     return params.distributed.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of the local Ray. Ray Train's placement-group cleaner polls the State API every
+    second, which needs the dashboard this Ray runs without, and would warn each time."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def start_local_ray(num_cpus: int, object_store_mb: int) -> None:
+    """In-process single-machine Ray: CPU workers, no dashboard, every listener on 127.0.0.1."""
+    # Ray's switch for single-machine instances; read when ray is first imported, hence before the import.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb * 2**20,
+             runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
 def connect_ray(params: TrainParams) -> bool:
     """Join the configured cluster (probed first) or start a local Ray; True when this call started it."""
-    address = _ray_address(params)
+    address, d = _ray_address(params), params.distributed
     if address and address != "auto":
         parsed = urlparse(address if "://" in address else f"ray://{address}")
-        probe_tcp(parsed.hostname or "", parsed.port or 6379, params.distributed.probe_timeout_s, what="Ray cluster")
+        probe_tcp(parsed.hostname or "", parsed.port or 6379, d.probe_timeout_s, what="Ray cluster")
     if not address:
-        # Ray's switch for single-machine instances: every listener on 127.0.0.1, nothing on the network.
-        # Read when ray is first imported, hence set before the import below.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -85,9 +99,7 @@ def connect_ray(params: TrainParams) -> bool:
         # Ship this checkout's code so the cluster runs exactly what the driver validated.
         ray.init(address=address, runtime_env={"py_modules": [components, tim_core]})
     else:
-        d = params.distributed
-        ray.init(num_cpus=max(os.cpu_count() or 1, d.num_workers * d.cpus_per_worker), include_dashboard=False,
-                 object_store_memory=d.object_store_mb * 2**20)
+        start_local_ray(max(os.cpu_count() or 1, d.num_workers * d.cpus_per_worker), d.object_store_mb)
     return True
 
 
