@@ -198,7 +198,9 @@ def to_array(raw: RawImage, resolution: int, channels: int) -> np.ndarray:
         data = raw.read()
         image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise DataError(f"{raw.source}: cannot decode image: not a PNG/JPEG file, or corrupt") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{raw.source}: cannot decode image: {exc}") from None
     image = image.convert("RGB" if channels == 3 else "L")
     if image.size != (resolution, resolution):
