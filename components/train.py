@@ -190,8 +190,8 @@ def train(params: TrainParams, shard_dir: str | Path, out_dir: str | Path, run_f
                                  checkpoint_config=CheckpointConfig(num_to_keep=params.schedule.keep_checkpoints)))
         try:
             result = trainer.fit()
-        except BaseException:
-            finish_run(tracking_uri, run_id, "FAILED")
+        except BaseException as exc:
+            finish_run(tracking_uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
 
         with result.checkpoint.as_directory() as directory:

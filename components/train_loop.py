@@ -146,7 +146,10 @@ class Worker:
                 (directory / STATE_FILE).write_text(json.dumps(state))
                 if final:
                     self.ema.copy_to(self.sample_model)
-                    tim_core.save_pretrained(self.sample_model, directory / EXPORT_DIR, transport=self.transport)
+                    lineage = {"step": self.step, "images": self.images, "identity": self.config["identity"],
+                               "mlflow_run_id": self.config["run_id"], "weights": "ema"}
+                    tim_core.save_pretrained(self.sample_model, directory / EXPORT_DIR, transport=self.transport,
+                                             extra={"train": lineage})
             dist.barrier()
             ray.train.report({"step": self.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

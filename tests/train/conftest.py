@@ -95,7 +95,7 @@ def mlflow_server():
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         server = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow",
+             "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/mlflow",
              "--artifacts-destination", str(root / "artifacts")],
             env=env, stdout=subprocess.DEVNULL, stderr=open(root / "mlflow.log", "wb"))
         uri = f"http://127.0.0.1:{port}"
