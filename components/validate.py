@@ -115,6 +115,9 @@ def describe_failure(table: str, result: dict[str, Any], max_examples: int) -> s
     config = result["expectation_config"]
     kwargs = {k: v for k, v in config["kwargs"].items() if k in ("column", "column_A", "column_B")}
     head = f"{table}: {config['type']}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    wanted = {k: v for k, v in config["kwargs"].items() if k in ("value_set", "min_value", "max_value", "regex")}
+    if wanted:
+        head += " [expected " + ", ".join(f"{k}={v}" for k, v in wanted.items()) + "]"
     if result["exception_info"].get("raised_exception"):
         return f"{head}: could not run: {result['exception_info']['exception_message']}"
     details = result["result"]

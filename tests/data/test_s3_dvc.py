@@ -1,5 +1,6 @@
 """A real moto S3 server on 127.0.0.1 as the `s3` prepare source and as a DVC remote; `dvc repro` in a
-temporary git+dvc repository: full run, no-op rerun, and a param change rerunning only its dependants."""
+temporary git+dvc repository: full run, no-op rerun, and a param change rerunning only its dependants.
+Targets are `shard` (with its upstream stages): later stages in dvc.yaml belong to other tests."""
 
 from __future__ import annotations
 
@@ -50,9 +51,12 @@ def test_s3_source_reads_class_folders(aws_env, s3_images, tmp_path):
     [
         ("s3://{bucket}/images/v2", r"s3://{bucket}/images/v2/: no objects under this prefix"),
         ("s3://no-such-bucket-x/images", r"s3://no-such-bucket-x: bucket does not exist"),
+        ("s3://{bucket}/images/v1", r"s3://{bucket}/images/v1/emu: empty class folder"),
     ],
 )
-def test_s3_missing_prefix_or_bucket_is_named(aws_env, s3_images, tmp_path, root, match):
+def test_s3_missing_prefix_bucket_or_empty_class_is_named(aws_env, s3_images, tmp_path, root, match):
+    # a "folder" made in the S3 console is a zero-byte key ending in "/"
+    boto3.client("s3", endpoint_url=aws_env).put_object(Bucket=s3_images, Key="images/v1/emu/", Body=b"")
     params = PrepareParams(source="s3", root=root.format(bucket=s3_images), s3=S3Params(endpoint_url=aws_env))
     with pytest.raises(DataError, match=match.format(bucket=s3_images)):
         prepare.prepare(params, tmp_path / "prepared")
@@ -97,24 +101,24 @@ def test_dvc_repro_and_s3_remote(aws_env, tmp_path, monkeypatch):
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
 
-    assert ran(sh("dvc", "repro", cwd=repo)) == {"prepare", "validate", "shard"}
-    assert ran(sh("dvc", "repro", cwd=repo)) == set()
+    assert ran(sh("dvc", "repro", "shard", cwd=repo)) == {"prepare", "validate", "shard"}
+    assert ran(sh("dvc", "repro", "shard", cwd=repo)) == set()
     set_param(repo, "shard", "seed", 7)
-    assert ran(sh("dvc", "repro", cwd=repo)) == {"shard"}
+    assert ran(sh("dvc", "repro", "shard", cwd=repo)) == {"shard"}
     set_param(repo, "validate", "max_examples", 3)  # validate reruns; its gate output is unchanged
-    assert ran(sh("dvc", "repro", cwd=repo)) == {"validate"}
+    assert ran(sh("dvc", "repro", "shard", cwd=repo)) == {"validate"}
 
     client = boto3.client("s3", endpoint_url=aws_env)
     client.create_bucket(Bucket="dvc-remote")
     sh("dvc", "remote", "add", "-d", "storage", "s3://dvc-remote/cache", cwd=repo)
     sh("dvc", "remote", "modify", "storage", "endpointurl", aws_env, cwd=repo)
-    sh("dvc", "push", cwd=repo)
+    sh("dvc", "push", "--with-deps", "shard", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "pipeline", cwd=repo)
 
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
-    sh("dvc", "pull", cwd=clone)  # fresh clone: empty cache, everything comes from the S3 remote
-    for out in ("data/prepared", "data/shards"):
+    sh("dvc", "pull", "--with-deps", "shard", cwd=clone)  # fresh clone: empty cache, everything comes from the S3 remote
+    for out in ("data/prepared", "data/validated", "data/shards"):
         assert tree_digest(clone / out) == tree_digest(repo / out)
-    assert ran(sh("dvc", "repro", cwd=clone)) == set()
+    assert ran(sh("dvc", "repro", "shard", cwd=clone)) == set()

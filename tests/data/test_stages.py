@@ -109,10 +109,18 @@ def test_validate_catches_wrong_size_and_channels(tiny_data, tmp_path):
     with pytest.raises(DataError) as err:
         validate.validate(validate.ValidateParams(min_train_per_class=5), prepared, out)
     message = str(err.value)
-    assert f"column=height): 1 row(s) failed, e.g. id={manifest.loc[7, 'id']}" in message
-    assert f"column=channels): 1 row(s) failed, e.g. id={manifest.loc[9, 'id']}" in message
+    assert f"(column=height) [expected value_set=[28]]: 1 row(s) failed, e.g. id={manifest.loc[7, 'id']}" in message
+    assert f"(column=channels) [expected value_set=[1]]: 1 row(s) failed, e.g. id={manifest.loc[9, 'id']}" in message
     assert (out / "docs" / "index.html").is_file() and not json.loads((out / "result.json").read_text())["success"]
     assert not (out / "manifest.csv").exists(), "the gate file exists only for passing data"
+
+
+def test_validate_catches_missing_column(tiny_data, tmp_path):
+    prepared = shutil.copytree(tiny_data / "prepared", tmp_path / "prepared")
+    pd.read_csv(prepared / "manifest.csv").drop(columns=["pixel_std"]).to_csv(prepared / "manifest.csv", index=False)
+    with pytest.raises(DataError, match=r"expect_table_columns_to_match_ordered_list\(\): observed") as err:
+        validate.validate(validate.ValidateParams(min_train_per_class=5), prepared, tmp_path / "validated")
+    assert "expect_column_values_to_be_of_type(column=pixel_std): could not run" in str(err.value)
 
 
 def test_duplicate_images_across_splits_fail_validation(tmp_path):
@@ -126,7 +134,7 @@ def test_duplicate_images_across_splits_fail_validation(tmp_path):
         validate.validate(validate.ValidateParams(min_train_per_class=2), prepared, tmp_path / "validated")
     message = str(err.value)
     assert "manifest: expect_column_values_to_be_unique(column=sha256): 5 row(s) failed" in message
-    assert "leakage: expect_column_values_to_be_in_set(column=n_splits): 1 row(s) failed" in message
+    assert "leakage: expect_column_values_to_be_in_set(column=n_splits) [expected value_set=[1]]: 1 row(s)" in message
 
 
 def test_too_few_images_per_class_fail_validation(tiny_data, tmp_path):
