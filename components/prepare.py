@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,6 +29,9 @@ from tqdm import tqdm
 from components.atomic import atomic_dir
 from components.errors import DataError
 from components.params import StageParams, load_section
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +205,7 @@ def to_array(raw: RawImage, resolution: int, channels: int) -> np.ndarray:
         raise DataError(f"{raw.source}: cannot decode image: not a PNG/JPEG file, or corrupt") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{raw.source}: cannot decode image: {exc}") from None
+    image = ImageOps.exif_transpose(image)  # camera JPEGs store rotation as a tag, not in the pixels
     image = image.convert("RGB" if channels == 3 else "L")
     if image.size != (resolution, resolution):
         image = ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.BICUBIC)
@@ -232,7 +236,7 @@ def list_source(params: PrepareParams) -> tuple[list[str], list[RawImage]]:
     return s3_images(params.root or "", params.classes, params.s3)
 
 
-def read_manifest(path: str | Path):
+def read_manifest(path: str | Path) -> pd.DataFrame:
     import pandas as pd
 
     # Only empty cells are missing: a class may legitimately be called "NA" or "null".

@@ -64,6 +64,17 @@ def test_imagefolder_resizes_and_converts(image_folder, tmp_path):
     validate.validate(validate.ValidateParams(min_train_per_class=5), out, tmp_path / "validated")
 
 
+def test_camera_rotation_tag_is_applied(tmp_path):
+    stored = Image.new("L", (40, 20), 0)
+    stored.paste(255, (0, 0, 20, 20))  # left half white as stored; the tag says "rotate 90 degrees clockwise"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    raw = prepare.RawImage(str(tmp_path / "photo.jpg"), "x", (tmp_path / "photo.jpg").read_bytes)
+    array = prepare.to_array(raw, resolution=20, channels=1)
+    assert array[0, 0, 0] > 200 and array[-1, 0, 0] < 50, "displayed upright: white on top"
+
+
 # ---------------------------------------------------------------- bad input
 
 
