@@ -43,7 +43,8 @@ class TimeEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, s: Tensor) -> Tensor:
-        args = s.float()[:, None] * self.freqs[None]
+        dtype = torch.promote_types(self.freqs.dtype, torch.float32)  # never embed times in bf16
+        args = s.to(dtype)[:, None] * self.freqs.to(dtype)[None]
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
@@ -65,7 +66,7 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tup
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[..., i], x[..., i + d/2]) of x (..., N, d) by the token's angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # rotate in >= float32
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Literal
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .transports import Transport, _like
 
@@ -125,7 +126,10 @@ class TransitionLoss:
         """Forward-mode derivative along the tangent (dx_t = v_t, dt = 1, dr = 0)."""
         def along_path(tt):
             return self._net_on_path(net, x, eps, tt, r, labels)
-        _, dF = torch.func.jvp(along_path, (t,), (torch.ones_like(t),))
+        # Fused/flash attention kernels have no forward-mode derivative (the paper's case for DDE): use the
+        # math kernel, which autograd can differentiate forward.
+        with sdpa_kernel(SDPBackend.MATH):
+            _, dF = torch.func.jvp(along_path, (t,), (torch.ones_like(t),))
         return _wide(dF)
 
     @torch.no_grad()

@@ -7,8 +7,8 @@ from torch import nn
 
 
 def fourier(s: torch.Tensor, n: int = 16, scale: float = 1000.0) -> torch.Tensor:
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(n, device=s.device) / n)
-    args = s.to(torch.get_default_dtype())[:, None] / scale * 1000 * freqs
+    freqs = torch.exp(math.log(32.0) * torch.arange(n, device=s.device, dtype=s.dtype) / n)
+    args = s[:, None] * (1000.0 / scale) * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -29,5 +29,6 @@ class ToyNet(nn.Module):
     def forward(self, x, t, r, labels):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         r = torch.as_tensor(r, device=x.device).expand(x.shape[0])
-        h = torch.cat([x, fourier(t).to(x.dtype), fourier(t - r).to(x.dtype)], dim=-1)
+        t, r = t.to(x.dtype), r.to(x.dtype)
+        h = torch.cat([x, fourier(t), fourier(t - r)], dim=-1)
         return self.mlp(h)

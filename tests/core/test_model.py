@@ -1,0 +1,138 @@
+"""The network: shapes, 2D RoPE order on non-square grids, zero init, the interval embedding, sizes, IO."""
+
+import pytest
+import torch
+
+from tim_core import EMA, build_model, get_transport, load_pretrained, save_pretrained
+from tim_core.model import apply_rope, rope_angles, rope_positions
+
+SMALL = dict(hidden_size=32, depth=2, num_heads=2, adaln_rank=8)
+
+
+def randomize(model, scale=0.1):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("size", [(8, 8), (8, 16), (12, 4)])
+def test_output_shape_square_and_non_square(size):
+    net = build_model("tiny", input_size=size, in_channels=3, **SMALL)
+    x = torch.randn(2, 3, *size)
+    assert net(x, torch.rand(2), torch.zeros(2), torch.tensor([0, 10])).shape == x.shape
+
+
+def test_untrained_network_outputs_exactly_zero():
+    net = build_model("tiny", **SMALL)
+    out = net(torch.randn(3, 1, 28, 28), torch.rand(3), torch.zeros(3), torch.arange(3))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_rope_positions_follow_the_patch_flattening_on_a_2x4_grid():
+    assert rope_positions(2, 4).tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [1, 3]]
+    # the patch embedding flattens tokens in the same order: patch (row i, col j) is token i * 4 + j
+    net = build_model("tiny", input_size=(8, 16), **SMALL)
+    x = torch.zeros(1, 1, 8, 16)
+    for i in range(2):
+        for j in range(4):
+            x[0, 0, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = 10 * i + j
+    with torch.no_grad():
+        net.patch_embed.weight.fill_(1 / 16)
+        net.patch_embed.bias.zero_()
+    tokens = net.patch_embed(x).flatten(2).transpose(1, 2)[0, :, 0]
+    assert tokens.tolist() == pytest.approx([10 * i + j for i, j in rope_positions(2, 4).tolist()])
+
+
+def test_rope_scores_depend_on_the_true_row_and_column_offsets():
+    """q.k after RoPE depends only on (d_row, d_col); a grid built as 4 x 2 instead of 2 x 4 breaks this."""
+    pos = rope_positions(2, 4)
+    cos, sin = rope_angles(pos, head_dim=16)
+    q, k = torch.randn(16), torch.randn(16)
+    qr, kr = apply_rope(q.expand(8, 16), cos, sin), apply_rope(k.expand(8, 16), cos, sin)
+    scores = qr @ kr.T
+    for a in range(8):
+        for b in range(8):
+            for c in range(8):
+                for d in range(8):
+                    if (pos[a] - pos[b]).tolist() == (pos[c] - pos[d]).tolist():
+                        assert scores[a, b] == pytest.approx(scores[c, d].item(), abs=1e-4)
+    # token (0, 1) vs (1, 0): different offsets, different scores (rows and columns are not mixed up)
+    assert scores[1, 0].item() != pytest.approx(scores[4, 0].item(), abs=1e-3)
+
+
+def test_interval_embedding_changes_the_output_and_ablation_ignores_r():
+    torch.manual_seed(0)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.full((2,), 0.9), torch.tensor([1, 2])
+    net = randomize(build_model("tiny", input_size=8, **SMALL))
+    assert not torch.allclose(net(x, t, torch.full((2,), 0.1), y), net(x, t, torch.full((2,), 0.8), y))
+    ablated = randomize(build_model("tiny", input_size=8, interval_embedding=False, interval_attention=False,
+                                    **SMALL))
+    assert torch.equal(ablated(x, t, torch.full((2,), 0.1), y), ablated(x, t, torch.full((2,), 0.8), y))
+    assert ablated.dt_embedder is None
+
+
+@pytest.mark.parametrize("preset,target", [("B/4", 129e6), ("XL/2", 664e6)])
+def test_paper_sizes_within_two_percent(preset, target):
+    with torch.device("meta"):
+        net = build_model(preset)
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n - target) / target < 0.02, f"{preset}: {n / 1e6:.1f}M"
+
+
+def test_null_class_and_repa_head():
+    net = build_model("tiny", num_classes=7, repa_dim=12, repa_depth=1, repa_hidden=16, **SMALL)
+    assert net.label_embedder.num_embeddings == 8
+    out, feats = net(torch.randn(2, 1, 28, 28), torch.rand(2), torch.zeros(2), torch.tensor([0, 7]),
+                     return_repa=True)
+    assert feats.shape == (2, 49, 12)
+    assert build_model("tiny").projector is None
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="unknown preset name 'huge'; allowed: tiny, small, B/4, XL/2"):
+        build_model("huge")
+    with pytest.raises(ValueError, match="divisible by patch_size 4"):
+        build_model("tiny", input_size=30)
+    with pytest.raises(ValueError, match="bad model override .*allowed: input_size"):
+        build_model("tiny", width=3)
+    net = build_model("tiny", **SMALL)
+    with pytest.raises(ValueError, match=r"x must be \(B, 1, H, W\)"):
+        net(torch.randn(1, 3, 28, 28), torch.rand(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    net = randomize(build_model("tiny", **SMALL))
+    T = get_transport("edm", sigma_d=0.5)
+    save_pretrained(net, tmp_path / "m", T, extra={"note": "x"})
+    loaded, T2 = load_pretrained(tmp_path / "m")
+    assert T2.name == "edm" and T2.sigma_d == 0.5
+    x, t, y = torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([3, 4])
+    assert torch.equal(loaded(x, t, t / 2, y), net.eval()(x, t, t / 2, y))
+    assert not list(tmp_path.glob(".m.*"))  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        (tmp_path / "m" / "config.json").unlink()
+        load_pretrained(tmp_path / "m")
+
+
+def test_ema_follows_the_closed_form():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = EMA(net, decay=0.9, warmup=True)
+    expected = 0.0
+    for n, w in enumerate([1.0, 2.0, 3.0, 4.0]):
+        with torch.no_grad():
+            net.weight.fill_(w)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w
+        ema.update(net)
+    assert ema.shadow["weight"].item() == pytest.approx(expected)
+    other = torch.nn.Linear(1, 1, bias=False)
+    ema.copy_to(other)
+    assert other.weight.item() == pytest.approx(expected)
+    restored = EMA(other, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 4 and restored.current_decay() == ema.current_decay()
+    with pytest.raises(ValueError, match="decay must lie in"):
+        EMA(net, decay=1.0)
