@@ -87,5 +87,25 @@ def train(
     stage.run(params, shards, out, run_file)
 
 
+@app.command()
+def samples(
+    model: Path = typer.Option(Path("models/tim"), help="Exported model folder (model.safetensors, config.json)."),
+    out: Path = typer.Option(Path("runs/samples"), help="Output folder; gets grid.png."),
+    nfe: str = typer.Option("1,2,4,8,32", help="Comma-separated step counts, one panel each."),
+    per_class: int = typer.Option(8, help="Samples per class (columns of each panel)."),
+    cfg_scale: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off; >1 doubles NFE)."),
+    seed: int = typer.Option(0, help="Noise seed, shared by every panel."),
+) -> None:
+    """Write one PNG with samples of every class (rows) at each step count (panels)."""
+    from components import samples as stage
+
+    try:
+        steps = [int(s) for s in nfe.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--nfe must be comma-separated integers; got {nfe!r}") from None
+    path = stage.run(model, out, steps, per_class, cfg_scale, seed)
+    print(f"sample grid ({', '.join(map(str, steps))} steps): {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -15,3 +15,7 @@ class DataError(TimError):
 
 class ShardError(TimError):
     """Shards are missing, tampered with, or cannot be split across the requested readers."""
+
+
+class ModelError(TimError):
+    """A model folder or URI is missing or unusable, or sampling arguments are invalid."""
