@@ -65,6 +65,7 @@ def main() -> None:
             ("prepare + validate + shard (s, target < 60)", f"{total:.1f}"),
             ("verify_shards, all splits (s)", f"{t_verify:.2f}"),
         ]
+        load = os.getloadavg()[0]
         for workers in (0, 2):
             rate = read_rate(data / "shards", workers, args.batch_size, args.read_images)
             rows.append((f"read train, {workers} loader workers, batch {args.batch_size} (images/s)", f"{rate:,.0f}"))
@@ -73,7 +74,8 @@ def main() -> None:
     print("\n".join(f"{name:<{width}}  {value:>8}" for name, value in rows))
     header = (
         f"# Data stages benchmark\n\n{datetime.date.today()} - {platform.python_version()} on {os.cpu_count()} CPU cores"
-        f" ({platform.machine()}), params: {args.params} (default profile)\n\n"
+        f" ({platform.machine()}), 1-min load average before the reads {load:.1f}"
+        f" (other processes share the cores), params: {args.params}\n\n"
         "Command: `python benchmarks/data_stages.py`\n\n| measure | value |\n|---|---:|\n"
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
