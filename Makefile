@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[pipeline,dev]"
 	touch $(STAMP)
 
+# The whole pipeline on the embedded defaults (dvc.yaml): bundled digits, in-process Ray, local MLflow.
 run: $(STAMP)
-	$(VENV)/bin/tim demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	@echo "samples at 1, 2, 4, 8 and 32 steps: runs/samples/grid.png"
+	@echo "MLflow runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db"
 
 test: $(STAMP)
 	$(PY) -m pytest
