@@ -3,8 +3,8 @@
   .venv/bin/python benchmarks/train_speed.py [--shards data/shards] [--steps 20] [--ray-steps 60]
 
 1. One process, one optimizer step (forward, backward, AdamW) of the same network and batch under TiM with the
-   DDE derivative, flow matching, and TiM with the JVP derivative: median step time and peak RSS, each objective
-   in a fresh process so that peaks do not mask each other. Aim: TiM-DDE <= 1.4x flow matching.
+   DDE derivative, flow matching, and TiM with the JVP derivative: median step time (the three take turns) and
+   peak RSS (each in a fresh process, so that peaks do not mask each other). Aim: TiM-DDE <= 1.4x flow matching.
 2. The `train` stage end to end (Ray Train, DeepSpeed ZeRO-2, gloo) with 2 workers x 1 thread against 1 worker x
    2 threads, same global batch: images/s after the first logging window. Aim: >= 0.85.
 Prints a table and writes benchmarks/results/train_speed.md.
@@ -40,47 +40,73 @@ def cpu_params(**overrides):
     return TrainParams.model_validate(deep_merge(resolve_profile(section, "train"), overrides))
 
 
-def time_objective(name: str, params: dict, steps: int, threads: int, queue: mp.Queue) -> None:
-    """Runs in a fresh process: median seconds per optimizer step and peak RSS growth over the set-up."""
+def setup(name: str, params: dict):
     import torch
 
     import tim_core
 
-    torch.set_num_threads(threads)
     p = cpu_params()
     torch.manual_seed(0)
     model = tim_core.build_model(p.model.preset, **p.model.overrides)
-    transport = tim_core.get_transport(p.transport.name)
-    objective = tim_core.build_objective(name, transport, null_label=model.num_classes, **params)
+    objective = tim_core.build_objective(name, tim_core.get_transport(p.transport.name),
+                                         null_label=model.num_classes, **params)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=p.optim.betas)
     x = torch.randn(p.optim.global_batch, model.in_channels, *model.input_size)
     labels = torch.randint(0, model.num_classes, (p.optim.global_batch,))
     generator = torch.Generator().manual_seed(0)
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for i in range(steps + 3):  # 3 warm-up steps
-        start = time.perf_counter()
+
+    def step() -> None:
         loss, _ = objective(model, x, labels, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
+
+    return step
+
+
+def step_times(steps: int, threads: int) -> dict[str, float]:
+    """Median seconds per optimizer step. The objectives take turns step by step, so a load that comes and
+    goes on a shared machine slows all of them alike instead of whichever ran at the time."""
+    import torch
+
+    torch.set_num_threads(threads)
+    runs = {label: setup(*spec) for label, spec in OBJECTIVES.items()}
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for i in range(steps + 3):  # 3 warm-up rounds
+        for label, step in runs.items():
+            start = time.perf_counter()
+            step()
+            if i >= 3:
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def peak_rss(name: str, params: dict, threads: int, queue: mp.Queue) -> None:
+    """Runs in a fresh process: peak RSS (MiB) and its growth over the set-up during a few steps."""
+    import torch
+
+    torch.set_num_threads(threads)
+    step = setup(name, params)
+    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((statistics.median(times), peak_kib / 1024, (peak_kib - baseline_kib) / 1024))
+    queue.put((peak_kib / 1024, (peak_kib - baseline_kib) / 1024))
 
 
 def objective_table(steps: int, threads: int) -> dict[str, tuple[float, float, float]]:
     ctx = mp.get_context("spawn")
-    rows = {}
-    for label, (name, params) in OBJECTIVES.items():
+    memory = {}
+    for label, spec in OBJECTIVES.items():
         queue = ctx.Queue()
-        proc = ctx.Process(target=time_objective, args=(name, params, steps, threads, queue))
+        proc = ctx.Process(target=peak_rss, args=(*spec, threads, queue))
         proc.start()
-        rows[label] = queue.get()
+        memory[label] = queue.get()
         proc.join()
-        print(f"  {label}: {rows[label][0] * 1000:.0f} ms/step", flush=True)
-    return rows
+    times = step_times(steps, threads)
+    for label, t in times.items():
+        print(f"  {label}: {t * 1000:.0f} ms/step, peak RSS {memory[label][0]:.0f} MiB", flush=True)
+    return {label: (times[label], *memory[label]) for label in OBJECTIVES}
 
 
 def build_shards(root: Path) -> Path:
@@ -117,6 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     p = cpu_params()
+    load_before = os.getloadavg()[0]
 
     print(f"objectives: {p.model.preset} model, batch {p.optim.global_batch}, {threads} threads, one process")
     rows = objective_table(args.steps, threads)
@@ -128,6 +155,7 @@ def main() -> None:
         one = ray_throughput(shards.resolve(), 1, threads, args.ray_steps, Path(tmp))
         two = ray_throughput(shards.resolve(), 2, threads // 2 or 1, args.ray_steps, Path(tmp))
 
+    load_after = os.getloadavg()[0]
     import deepspeed
     import ray
     import torch
@@ -139,6 +167,8 @@ def main() -> None:
         f" --steps {args.steps} --ray-steps {args.ray_steps}` on {threads} CPU cores ({platform.processor() or platform.machine()}),"
         f" torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}.",
         f"Model `{p.model.preset}` on 28x28x1 digits, batch {p.optim.global_batch} (the `cpu` profile).",
+        f"1-minute load average {load_before:.1f} before and {load_after:.1f} after: other jobs shared the cores,"
+        " so absolute figures are pessimistic; the ratios are the point.",
         "",
         "## Objective cost (one process, forward + backward + AdamW)",
         "",
