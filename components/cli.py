@@ -107,5 +107,54 @@ def samples(
     print(f"sample grid ({', '.join(map(str, steps))} steps): {path}")
 
 
+@app.command("train-evaluator")
+def train_evaluator(
+    params: Path = PARAMS,
+    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard`."),
+    out: Path = typer.Option(Path("models/evaluator"), help="Output folder: model.safetensors, config.json."),
+) -> None:
+    """Train the small classifier whose features measure sample quality (FID, KID, precision/recall)."""
+    from components import evaluator as stage
+
+    config = stage.run(params, shards, out)
+    print(f"evaluator: validation accuracy {config['val_accuracy']:.4f}; saved to {out}")
+
+
+@app.command()
+def evaluate(
+    params: Path = PARAMS,
+    model: str = typer.Option("models/tim", help="Exported model folder, or an MLflow URI (runs:/ID/model, "
+                                                  "models:/NAME@ALIAS)."),
+    evaluator: Path = typer.Option(Path("models/evaluator"), help="Output of `tim train-evaluator`."),
+    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard` (reference and floor)."),
+    out: Path = typer.Option(Path("runs/evaluate"), help="Output folder: metrics.json, per_nfe.csv, plots."),
+    run_file: Path = typer.Option(None, help="models/train_run.json: the MLflow run to log to, and the "
+                                              "checkpoint with the raw weights."),
+) -> None:
+    """Sample quality at every step count (FID, KID, precision/recall, accuracy, speed), logged to MLflow."""
+    from components import evaluate as stage
+
+    result = stage.run(params, model, evaluator, shards, out, run_file)
+    verdict = result["monotone"]["verdict"]
+    for key, values in result["ema"].items():
+        print(f"{key}: FID {values['fid']:.2f}  accuracy {values['accuracy']:.3f}")
+    print(f"floor FID {result['floor']['fid']:.2f}; FID within noise as NFE grows: {verdict}; report in {out}")
+
+
+@app.command()
+def compare(
+    params: Path = PARAMS,
+    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard`."),
+    evaluator: Path = typer.Option(Path("models/evaluator"), help="Output of `tim train-evaluator`."),
+    out: Path = typer.Option(Path("runs/compare"), help="Output folder: a model and evaluation per objective, "
+                                                         "table.md, fid_vs_nfe.png."),
+) -> None:
+    """Train flow matching, MeanFlow and TiM alike, evaluate all three at the same NFEs, tabulate and plot."""
+    from components import compare as stage
+
+    table = stage.run(params, shards, evaluator, out)
+    print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -18,7 +18,7 @@ HEADER = 14  # pixels above each panel for its "NFE n" label
 
 @torch.no_grad()
 def nfe_grid(model: tim_core.TiM, transport: tim_core.Transport, steps: list[int], per_class: int = 8,
-             cfg_scale: float = 1.0, seed: int = 0, device: str = "cpu") -> Image.Image:
+             cfg_scale: float = 1.0, seed: int = 0, device: str = "cpu", mode: str = "transition") -> Image.Image:
     """Samples of every class at each step count, side by side; the label shows the honest NFE."""
     model = model.to(device).eval()
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
@@ -27,7 +27,7 @@ def nfe_grid(model: tim_core.TiM, transport: tim_core.Transport, steps: list[int
     panels = []
     for n in steps:
         result = tim_core.sample(model, noise.to(device), labels.to(device), n, transport=transport,
-                                 cfg_scale=cfg_scale)
+                                 cfg_scale=cfg_scale, mode=mode)
         panel = image_grid(result.samples.float().cpu().numpy(), rows=model.num_classes).convert("RGB")
         framed = Image.new("RGB", (panel.width, panel.height + HEADER), "white")
         framed.paste(panel, (0, HEADER))

@@ -147,7 +147,8 @@ class Worker:
                 if final:
                     self.ema.copy_to(self.sample_model)
                     lineage = {"step": self.step, "images": self.images, "identity": self.config["identity"],
-                               "mlflow_run_id": self.config["run_id"], "weights": "ema"}
+                               "mlflow_run_id": self.config["run_id"], "weights": "ema",
+                               "objective": self.p.objective.name}
                     tim_core.save_pretrained(self.sample_model, directory / EXPORT_DIR, transport=self.transport,
                                              extra={"train": lineage})
             dist.barrier()
