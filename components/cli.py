@@ -156,5 +156,86 @@ def compare(
     print(table)
 
 
+@app.command()
+def register(
+    params: Path = PARAMS,
+    model: Path = typer.Option(Path("models/tim"), help="Exported EMA model (model.safetensors, config.json)."),
+    run_file: Path = typer.Option(Path("models/train_run.json"), help="The training run (its evaluation is read)."),
+    out: Path = typer.Option(Path("models/registered.json"), help="JSON naming the new model version."),
+) -> None:
+    """Register the EMA model as a new MLflow model version (pyfunc), tagged with its evaluation."""
+    from components import register as stage
+
+    result = stage.run(params, model, run_file, out)
+    print(f"registered {result['model_uri']} (recommended NFE {result['recommended_nfe']}); no alias set yet: "
+          "run `tim promote`")
+
+
+def _open_hint(uri: str, name: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {uri}   (then Models > {name})"
+    return f"{uri.rstrip('/')}/#/models/{name}"
+
+
+@app.command()
+def promote(
+    params: Path = PARAMS,
+    registered: Path = typer.Option(Path("models/registered.json"), help="Written by `tim register`."),
+    version: str = typer.Option(None, help="Judge this version instead of the one in --registered."),
+    out: Path = typer.Option(Path("runs/promote/decision.json"), help="The decision as JSON."),
+) -> None:
+    """Champion/challenger gate: the version becomes `champion` only if it passes and beats the champion."""
+    from components import promote as stage
+
+    d = stage.run_promote(params, registered, version, out)
+    print(f"{d['model']} version {d['challenger']['version']}: {d['verdict'].upper()}")
+    for check in d["checks"]:
+        print(f"  [{'pass' if check['passed'] else 'FAIL'}] {check['check']}: {check['detail']}")
+    champion = d["aliases"].get("champion")
+    side = d["challenger"] if champion == d["challenger"]["version"] else d["champion"]
+    if side:
+        gate = d["rule"]
+        figures = ", ".join(f"NFE {n}: {gate['metric']} {side['figures'][f'nfe_{n}'][gate['metric']]:.4g}"
+                            for n in gate["nfe"] if f"nfe_{n}" in side["figures"])
+        print(f"champion: version {champion} ({figures})")
+    print(f"aliases: {d['aliases']}; decision: {out}")
+    print(f"open it: {_open_hint(d['tracking_uri'], d['model'])}")
+
+
+@app.command()
+def rollback(
+    params: Path = PARAMS,
+    out: Path = typer.Option(Path("runs/promote/rollback.json"), help="The rollback record as JSON."),
+) -> None:
+    """Give `champion` back to the `previous` version."""
+    from components import promote as stage
+
+    d = stage.run_rollback(params, out)
+    print(f"{d['model']}: champion rolled back from version {d['from']} to {d['to']}; aliases: {d['aliases']}")
+
+
+@app.command()
+def sample(
+    params: Path = PARAMS,
+    model: str = typer.Option(..., help="A registered model URI, e.g. models:/tim-mnist@champion."),
+    label: int = typer.Option(..., help="Class to draw."),
+    nfe: int = typer.Option(None, help="Transitions per image; default: the version's recommended NFE."),
+    num_images: int = typer.Option(8, help="Images in the row."),
+    guidance_scale: float = typer.Option(None, help="Classifier-free guidance; default: the evaluation's."),
+    seed: int = typer.Option(0, help="Noise seed."),
+    out: Path = typer.Option(Path("grid.png"), help="Output PNG (one row of images)."),
+) -> None:
+    """Draw images of one class from a registered model (the pyfunc that `mlflow models serve` serves)."""
+    from components.params import load_section
+    from components.registry import RegistryParams
+    from components.sample_registered import sample as draw
+
+    registry = load_section("registry", RegistryParams, params)
+    result = draw(registry, model, label, nfe, num_images, guidance_scale, seed, out,
+                  project_dir=params.resolve().parent)
+    print(f"recommended NFE: {result.recommended_nfe}")
+    print(f"{num_images} images of class {label} at NFE {result.nfe}: {result.path}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,253 @@
+"""Stages `promote` and `rollback`: the champion/challenger gate and the guarded alias moves.
+
+  tim promote --params params.yaml --registered models/registered.json --out runs/promote/decision.json
+  tim rollback --params params.yaml --out runs/promote/rollback.json
+
+A version becomes `champion` only if its evaluation is complete, it meets the absolute thresholds, it is
+monotone when required, and it beats the current champion by the margin at every gate NFE; otherwise it gets
+`challenger`. The champion it replaces keeps `previous`, which `tim rollback` restores.
+
+Alias moves are serialised by a lease (a tag on the registered model, taken with Fischer's timed protocol,
+since MLflow has no compare-and-set), and each move re-reads the champion immediately before it: if the
+champion changed after the gate read it, nothing moves. docs/registry.md describes the window that remains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random
+
+from components.params import load_section
+from components.registry import (CHALLENGER, CHAMPION, LOWER_IS_BETTER, PREVIOUS, Evaluation, GateParams,
+                                 LockParams, RegistryError, RegistryParams, connect, model_version,
+                                 registered_model, tracking_uri, version_evaluation, write_json)
+
+log = logging.getLogger(__name__)
+
+LEASE_TAG = "tim.promotion.lease"
+
+
+class StaleChampion(RegistryError):
+    """The champion moved between the gate's read and the alias move; nothing was moved."""
+
+
+class _Busy(Exception):
+    """Another holder has the lease (internal: retried until LockParams.wait_s)."""
+
+
+@contextmanager
+def lease(client, name: str, p: LockParams) -> Iterator[str]:
+    """Hold the registered model's promotion lease; yields this holder's token.
+
+    Fischer's protocol: write our token only when the lease is free or expired, wait ``settle_s``, and hold it
+    only if our token is still there. Two contenders cannot both hold it as long as ``settle_s`` exceeds the
+    time between a contender's read and its write (one registry round trip)."""
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def holder() -> dict | None:
+        raw = registered_model(client, name).tags.get(LEASE_TAG)
+        return json.loads(raw) if raw else None
+
+    def take() -> None:
+        held = holder()
+        if held and held["owner"] != token and held["expires"] > time.time():
+            raise _Busy(held)
+        client.set_registered_model_tag(name, LEASE_TAG,
+                                        json.dumps({"owner": token, "expires": time.time() + p.lease_s}))
+        time.sleep(p.settle_s)
+        held = holder()
+        if not held or held["owner"] != token:
+            raise _Busy(held)
+
+    try:
+        Retrying(retry=retry_if_exception_type(_Busy), stop=stop_after_delay(p.wait_s), wait=wait_random(0.1, 0.5),
+                 reraise=True)(take)
+    except _Busy as busy:
+        raise RegistryError(f"{name!r}: another promotion or rollback holds the lease {busy.args[0]} after "
+                            f"waiting {p.wait_s:g} s; retry later, or delete the registered-model tag "
+                            f"{LEASE_TAG} if its holder crashed") from None
+    try:
+        yield token
+    finally:
+        held = holder()
+        if held and held["owner"] == token:
+            client.delete_registered_model_tag(name, LEASE_TAG)
+
+
+def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
+    return {"check": name, "passed": passed, "detail": detail}
+
+
+def judge(challenger: Evaluation, champion: Evaluation | None, gate: GateParams) -> list[dict[str, Any]]:
+    """The gate's checks, in order; the challenger is promoted only if every one passes."""
+    needed = sorted({gate.metric, *gate.max, *gate.min})
+    missing = [f"{m}@NFE{n}" for n in gate.nfe for m in needed if challenger.figure(n, m) is None]
+    if gate.require_monotone and challenger.monotone is None:
+        missing.append("monotonicity verdict")
+    checks = [_check("evaluation complete", not missing,
+                     f"missing or not finite: {', '.join(missing)}" if missing else "every gate figure measured")]
+    if missing:
+        return checks
+    if gate.require_monotone:
+        checks.append(_check("monotone", challenger.monotone is True,
+                             "FID stays within its noise as NFE grows" if challenger.monotone
+                             else "FID gets worse beyond its noise as NFE grows"))
+    for metric, bound in gate.max.items():
+        worst = max(challenger.figure(n, metric) for n in gate.nfe)
+        checks.append(_check(f"{metric} <= {bound:g}", worst <= bound, f"worst over NFE {gate.nfe}: {worst:.6g}"))
+    for metric, bound in gate.min.items():
+        worst = min(challenger.figure(n, metric) for n in gate.nfe)
+        checks.append(_check(f"{metric} >= {bound:g}", worst >= bound, f"worst over NFE {gate.nfe}: {worst:.6g}"))
+    if champion is None:
+        checks.append(_check("beats champion", True, "no champion yet"))
+        return checks
+    sign = 1 if LOWER_IS_BETTER[gate.metric] else -1
+    details, passed = [], True
+    for n in gate.nfe:
+        theirs = champion.figure(n, gate.metric)
+        if theirs is None:
+            raise RegistryError(f"the champion's evaluation (run {champion.run_id}) has no finite {gate.metric} "
+                                f"at NFE {n}: it cannot be compared; re-evaluate it at the gate NFEs {gate.nfe}")
+        ours = challenger.figure(n, gate.metric)
+        gain, margin = sign * (theirs - ours), max(gate.min_improvement, gate.min_rel_improvement * abs(theirs))
+        passed &= gain >= margin
+        details.append(f"NFE {n}: {ours:.6g} vs {theirs:.6g} (gain {gain:.6g}, needed {margin:.6g})")
+    checks.append(_check(f"beats champion on {gate.metric}", passed, "; ".join(details)))
+    return checks
+
+
+def _side(version, ev: Evaluation) -> dict[str, Any]:
+    return {"version": version.version, "run_id": ev.run_id, "monotone": ev.monotone,
+            "figures": {f"nfe_{n}": values for n, values in sorted(ev.per_nfe.items())}}
+
+
+def decide(client, name: str, version: str | int, gate: GateParams) -> dict[str, Any]:
+    """Read the challenger and the current champion and judge; moves nothing."""
+    challenger = model_version(client, name, version)
+    champion_version = registered_model(client, name).aliases.get(CHAMPION)
+    decision: dict[str, Any] = {"model": name, "rule": gate.model_dump(mode="json"),
+                                "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    challenger_ev = version_evaluation(client, challenger)
+    decision["challenger"] = _side(challenger, challenger_ev)
+    if champion_version == challenger.version:
+        return {**decision, "champion": decision["challenger"], "checks": [], "verdict": "unchanged"}
+    champion = model_version(client, name, champion_version) if champion_version else None
+    champion_ev = version_evaluation(client, champion) if champion else None
+    decision["champion"] = _side(champion, champion_ev) if champion else None
+    checks = judge(challenger_ev, champion_ev, gate)
+    return {**decision, "checks": checks, "verdict": "promoted" if all(c["passed"] for c in checks) else "rejected"}
+
+
+def _guard(client, name: str, expected: str | None, token: str | None) -> dict[str, str]:
+    """Re-read the registry right before a move: same champion as judged, and (when locked) still our lease."""
+    model = registered_model(client, name)
+    if model.aliases.get(CHAMPION) != expected:
+        raise StaleChampion(f"{name!r}: the champion changed from {expected or 'none'} to "
+                            f"{model.aliases.get(CHAMPION) or 'none'} while the gate ran; nothing was moved, "
+                            "run the promotion again to judge against the new champion")
+    if token is not None and json.loads(model.tags.get(LEASE_TAG) or "{}").get("owner") != token:
+        raise StaleChampion(f"{name!r}: the promotion lease expired while the gate ran; nothing was moved")
+    return dict(model.aliases)
+
+
+def apply(client, decision: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+    """Move the aliases the decision calls for, after the guard; returns the decision with the aliases after."""
+    name, version = decision["model"], decision["challenger"]["version"]
+    expected = decision["champion"]["version"] if decision["champion"] else None
+    aliases = _guard(client, name, expected, token)
+    if decision["verdict"] == "promoted":
+        if expected:
+            client.set_registered_model_alias(name, PREVIOUS, expected)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if aliases.get(CHALLENGER) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+    elif decision["verdict"] == "rejected":
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    if decision["verdict"] != "unchanged":
+        client.set_model_version_tag(name, version, "tim.promotion.verdict", decision["verdict"])
+        client.set_model_version_tag(name, version, "tim.promotion.judged_against", expected or "none")
+    return {**decision, "aliases": dict(registered_model(client, name).aliases)}
+
+
+def _record(client, decision: dict[str, Any], run_id: str, kind: str, out_file: Path | None) -> None:
+    """The decision as JSON: on the version's training run in MLflow, and in ``out_file``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    client.log_dict(run_id, decision, f"promotion/{kind}-{stamp}.json")
+    if out_file is not None:
+        write_json(out_file, decision)
+
+
+def promote(params: RegistryParams, version: str | int, out_file: str | Path | None = None, *,
+            project_dir: str | Path | None = None) -> dict[str, Any]:
+    """Judge ``version`` against the champion and move the aliases; returns the decision."""
+    project_dir = Path(project_dir or Path.cwd()).resolve()
+    uri = tracking_uri(params, project_dir)
+    client = connect(uri, params.probe_timeout_s)
+    registered_model(client, params.model_name)
+    with lease(client, params.model_name, params.lock) as token:
+        decision = decide(client, params.model_name, version, params.gate)
+        decision = apply(client, decision, token)
+    decision["tracking_uri"] = uri
+    _record(client, decision, decision["challenger"]["run_id"], "decision", Path(out_file) if out_file else None)
+    log.info("%s version %s: %s", params.model_name, version, decision["verdict"])
+    return decision
+
+
+def rollback(params: RegistryParams, out_file: str | Path | None = None, *,
+             project_dir: str | Path | None = None) -> dict[str, Any]:
+    """Give `champion` back to the `previous` version (no gate: it passed one when it was promoted)."""
+    project_dir = Path(project_dir or Path.cwd()).resolve()
+    uri = tracking_uri(params, project_dir)
+    client = connect(uri, params.probe_timeout_s)
+    name = params.model_name
+    with lease(client, name, params.lock) as token:
+        aliases = registered_model(client, name).aliases
+        current, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS)
+        if not current or not previous:
+            missing = CHAMPION if not current else PREVIOUS
+            raise RegistryError(f"{name!r}: alias {missing!r} points nowhere, nothing to roll back to "
+                                f"(aliases: {aliases or 'none'})")
+        demoted, restored = model_version(client, name, current), model_version(client, name, previous)
+        _guard(client, name, current, token)
+        client.set_registered_model_alias(name, CHAMPION, restored.version)
+        # `previous` would now name the demoted version; a second rollback must not re-promote it unjudged.
+        client.delete_registered_model_alias(name, PREVIOUS)
+        client.set_model_version_tag(name, demoted.version, "tim.promotion.verdict", "rolled_back")
+        decision = {"model": name, "verdict": "rolled_back", "from": demoted.version, "to": restored.version,
+                    "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "aliases": dict(registered_model(client, name).aliases), "tracking_uri": uri}
+    run_id = demoted.tags.get("tim.train.run_id") or demoted.run_id
+    _record(client, decision, run_id, "rollback", Path(out_file) if out_file else None)
+    return decision
+
+
+def run_promote(params_path: str | Path, registered_file: str | Path | None, version: str | None,
+                out_file: str | Path) -> dict[str, Any]:
+    """CLI entry: the version from ``--version`` or the file `tim register` wrote."""
+    params = load_section("registry", RegistryParams, params_path)
+    if version is None:
+        path = Path(registered_file or "models/registered.json")
+        if not path.is_file():
+            raise RegistryError(f"{path}: no registration record; run `tim register` first or pass --version")
+        record = json.loads(path.read_text())
+        if record.get("name") != params.model_name:
+            raise RegistryError(f"{path} names model {record.get('name')!r}, params registry.model_name is "
+                                f"{params.model_name!r}")
+        version = record["version"]
+    return promote(params, version, out_file, project_dir=Path(params_path).resolve().parent)
+
+
+def run_rollback(params_path: str | Path, out_file: str | Path) -> dict[str, Any]:
+    params = load_section("registry", RegistryParams, params_path)
+    return rollback(params, out_file, project_dir=Path(params_path).resolve().parent)
