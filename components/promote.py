@@ -30,7 +30,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_r
 
 from components.params import load_section
 from components.registry import (CHALLENGER, CHAMPION, LOWER_IS_BETTER, PREVIOUS, Evaluation, GateParams,
-                                 LockParams, RegistryError, RegistryParams, connect, model_version,
+                                 LockParams, RegistryError, RegistryParams, aliases, connect, model_version,
                                  registered_model, tracking_uri, version_evaluation, write_json)
 
 log = logging.getLogger(__name__)
@@ -128,19 +128,19 @@ def judge(challenger: Evaluation, champion: Evaluation | None, gate: GateParams)
 
 
 def _side(version, ev: Evaluation) -> dict[str, Any]:
-    return {"version": version.version, "run_id": ev.run_id, "monotone": ev.monotone,
+    return {"version": str(version.version), "run_id": ev.run_id, "monotone": ev.monotone,
             "figures": {f"nfe_{n}": values for n, values in sorted(ev.per_nfe.items())}}
 
 
 def decide(client, name: str, version: str | int, gate: GateParams) -> dict[str, Any]:
     """Read the challenger and the current champion and judge; moves nothing."""
     challenger = model_version(client, name, version)
-    champion_version = registered_model(client, name).aliases.get(CHAMPION)
+    champion_version = aliases(registered_model(client, name)).get(CHAMPION)
     decision: dict[str, Any] = {"model": name, "rule": gate.model_dump(mode="json"),
                                 "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     challenger_ev = version_evaluation(client, challenger)
     decision["challenger"] = _side(challenger, challenger_ev)
-    if champion_version == challenger.version:
+    if champion_version == str(challenger.version):
         return {**decision, "champion": decision["challenger"], "checks": [], "verdict": "unchanged"}
     champion = model_version(client, name, champion_version) if champion_version else None
     champion_ev = version_evaluation(client, champion) if champion else None
@@ -152,32 +152,33 @@ def decide(client, name: str, version: str | int, gate: GateParams) -> dict[str,
 def _guard(client, name: str, expected: str | None, token: str | None) -> dict[str, str]:
     """Re-read the registry right before a move: same champion as judged, and (when locked) still our lease."""
     model = registered_model(client, name)
-    if model.aliases.get(CHAMPION) != expected:
+    current = aliases(model)
+    if current.get(CHAMPION) != expected:
         raise StaleChampion(f"{name!r}: the champion changed from {expected or 'none'} to "
-                            f"{model.aliases.get(CHAMPION) or 'none'} while the gate ran; nothing was moved, "
+                            f"{current.get(CHAMPION) or 'none'} while the gate ran; nothing was moved, "
                             "run the promotion again to judge against the new champion")
     if token is not None and json.loads(model.tags.get(LEASE_TAG) or "{}").get("owner") != token:
         raise StaleChampion(f"{name!r}: the promotion lease expired while the gate ran; nothing was moved")
-    return dict(model.aliases)
+    return current
 
 
 def apply(client, decision: dict[str, Any], token: str | None = None) -> dict[str, Any]:
     """Move the aliases the decision calls for, after the guard; returns the decision with the aliases after."""
     name, version = decision["model"], decision["challenger"]["version"]
     expected = decision["champion"]["version"] if decision["champion"] else None
-    aliases = _guard(client, name, expected, token)
+    before = _guard(client, name, expected, token)
     if decision["verdict"] == "promoted":
         if expected:
             client.set_registered_model_alias(name, PREVIOUS, expected)
         client.set_registered_model_alias(name, CHAMPION, version)
-        if aliases.get(CHALLENGER) == version:
+        if before.get(CHALLENGER) == version:
             client.delete_registered_model_alias(name, CHALLENGER)
     elif decision["verdict"] == "rejected":
         client.set_registered_model_alias(name, CHALLENGER, version)
     if decision["verdict"] != "unchanged":
         client.set_model_version_tag(name, version, "tim.promotion.verdict", decision["verdict"])
         client.set_model_version_tag(name, version, "tim.promotion.judged_against", expected or "none")
-    return {**decision, "aliases": dict(registered_model(client, name).aliases)}
+    return {**decision, "aliases": aliases(registered_model(client, name))}
 
 
 def _record(client, decision: dict[str, Any], run_id: str, kind: str, out_file: Path | None) -> None:
@@ -212,21 +213,22 @@ def rollback(params: RegistryParams, out_file: str | Path | None = None, *,
     client = connect(uri, params.probe_timeout_s)
     name = params.model_name
     with lease(client, name, params.lock) as token:
-        aliases = registered_model(client, name).aliases
-        current, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS)
+        before = aliases(registered_model(client, name))
+        current, previous = before.get(CHAMPION), before.get(PREVIOUS)
         if not current or not previous:
             missing = CHAMPION if not current else PREVIOUS
             raise RegistryError(f"{name!r}: alias {missing!r} points nowhere, nothing to roll back to "
-                                f"(aliases: {aliases or 'none'})")
-        demoted, restored = model_version(client, name, current), model_version(client, name, previous)
+                                f"(aliases: {before or 'none'})")
+        demoted = model_version(client, name, current)
+        model_version(client, name, previous)  # still there (deleting a version drops its aliases, but say so)
         _guard(client, name, current, token)
-        client.set_registered_model_alias(name, CHAMPION, restored.version)
+        client.set_registered_model_alias(name, CHAMPION, previous)
         # `previous` would now name the demoted version; a second rollback must not re-promote it unjudged.
         client.delete_registered_model_alias(name, PREVIOUS)
-        client.set_model_version_tag(name, demoted.version, "tim.promotion.verdict", "rolled_back")
-        decision = {"model": name, "verdict": "rolled_back", "from": demoted.version, "to": restored.version,
+        client.set_model_version_tag(name, current, "tim.promotion.verdict", "rolled_back")
+        decision = {"model": name, "verdict": "rolled_back", "from": current, "to": previous,
                     "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "aliases": dict(registered_model(client, name).aliases), "tracking_uri": uri}
+                    "aliases": aliases(registered_model(client, name)), "tracking_uri": uri}
     run_id = demoted.tags.get("tim.train.run_id") or demoted.run_id
     _record(client, decision, run_id, "rollback", Path(out_file) if out_file else None)
     return decision

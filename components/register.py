@@ -95,7 +95,7 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
     client.update_model_version(params.model_name, version.version, description=(
         f"TiM EMA weights of run {run['run_id']} ({model.num_classes} classes, {model.input_size[0]}x"
         f"{model.input_size[1]}x{model.in_channels}); recommended NFE {recommended}"))
-    result = {"name": params.model_name, "version": version.version,
+    result = {"name": params.model_name, "version": str(version.version),
               "model_uri": f"models:/{params.model_name}/{version.version}", "tracking_uri": uri,
               "run_id": run["run_id"], "recommended_nfe": recommended}
     if out_file is not None:

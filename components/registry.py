@@ -41,10 +41,10 @@ class GateParams(StageParams):
     metric: Metric = "fid"
     nfe: list[int] = Field(default_factory=lambda: [1, 4])  # the challenger must win at every one of these
     min_improvement: float = Field(0.0, ge=0)      # absolute margin over the champion's figure
-    min_rel_improvement: float = Field(0.0, ge=0)  # and this fraction of the champion's figure
+    min_rel_improvement: float = Field(0.02, ge=0)  # and this fraction of the champion's figure
     require_monotone: bool = True
     max: dict[Metric, float] = Field(default_factory=dict)  # absolute ceilings at every gate NFE
-    min: dict[Metric, float] = Field(default_factory=dict)  # absolute floors at every gate NFE
+    min: dict[Metric, float] = Field(default_factory=lambda: {"accuracy": 0.5})  # absolute floors, likewise
 
     @field_validator("nfe")
     @classmethod
@@ -107,9 +107,9 @@ def model_version(client, name: str, version: str | int):
         raise RegistryError(f"registered model {name!r} has no version {version}") from None
 
 
-def alias_version(client, name: str, alias: str) -> str | None:
-    """The version an alias points at, or None; read fresh from the registry every time."""
-    return registered_model(client, name).aliases.get(alias)
+def aliases(model) -> dict[str, str]:
+    """A registered model's aliases as alias -> version string (the SQL store hands out ints, the server strings)."""
+    return {alias: str(version) for alias, version in model.aliases.items()}
 
 
 @dataclass(frozen=True)
