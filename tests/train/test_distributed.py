@@ -83,14 +83,17 @@ def test_zero2_run_trains_checkpoints_tracks_and_exports(reference):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
-def test_every_zero_stage_follows_the_same_losses(reference, stage, shards, tmp_path):
-    _, ref = reference
-    params = tiny_params(distributed={"zero_stage": stage},
-                         schedule={"max_steps": 4, "checkpoint_every": 4, "sample_every": 0})
+def test_every_zero_stage_follows_the_same_losses_and_ema(reference, stage, shards, tmp_path):
+    project, ref = reference
+    params = tiny_params(distributed={"zero_stage": stage}, schedule={"checkpoint_every": 6, "sample_every": 0})
     result = train(params, shards, tmp_path / "model", project_dir=tmp_path)
-    losses = loss_history(result.tracking_uri, result.run_id)
-    expected = {step: loss for step, loss in loss_history(ref.tracking_uri, ref.run_id).items() if step <= 4}
-    assert losses == pytest.approx(expected, rel=1e-3)
+    assert loss_history(result.tracking_uri, result.run_id) == pytest.approx(
+        loss_history(ref.tracking_uri, ref.run_id), rel=1e-3)
+    # Partitioning changes only the order of float reductions; a few near-zero Adam updates may flip, so
+    # compare whole tensors (relative norm) rather than single entries.
+    ema, ref_ema = export_weights(tmp_path / "model"), export_weights(project / "model")
+    for key, value in ema.items():
+        assert (value - ref_ema[key]).norm() <= 1e-3 * ref_ema[key].norm() + 1e-6, key
 
 
 def test_restart_resumes_from_checkpoint_into_the_same_run_on_a_postgres_server(reference, shards, tmp_path,
