@@ -1,0 +1,105 @@
+"""The champion as users reach it: `mlflow models serve` answering HTTP, and the `tim` commands (exit 2 with
+`error: ...` on bad input). Embedded SQLite store only: the server backend is covered by test_registry.py."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from PIL import Image
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+
+from tests.registry.conftest import SIZE, free_port
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+GOOD = {1: 40.0, 2: 30.0, 4: 20.0}
+
+
+@pytest.fixture(scope="module")
+def champion(sqlite_store, tmp_path_factory):
+    """A registered tiny model promoted by `tim promote` (CLI), and params.yaml pointing at its store."""
+    name = "tim-served"
+    version = sqlite_store.version(name, GOOD)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["registry"].update(model_name=name, tracking_uri=sqlite_store.uri)
+    params["registry"]["lock"]["settle_s"] = 0.2
+    path = tmp_path_factory.mktemp("cli") / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    out = path.parent / "decision.json"
+    res = tim("promote", "--params", path, "--version", version, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert f"{name} version {version}: PROMOTED" in res.stdout and "mlflow ui --backend-store-uri" in res.stdout
+    assert "champion: version 1 (NFE 1: fid 40, NFE 4: fid 20)" in res.stdout and out.is_file()
+    return sqlite_store, name, path
+
+
+def tim(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "tim"), *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def test_tim_sample_uses_the_recommended_nfe(champion, tmp_path):
+    _, name, params = champion
+    res = tim("sample", "--params", params, "--model", f"models:/{name}@champion", "--label", "2",
+              "--num-images", "3", "--out", tmp_path / "grid.png")
+    assert res.returncode == 0, res.stderr
+    assert "recommended NFE: 4" in res.stdout and "at NFE 4" in res.stdout
+    assert Image.open(tmp_path / "grid.png").size == (3 * SIZE, SIZE)
+
+
+def test_cli_bad_input_exits_2(champion, tmp_path):
+    _, name, params = champion
+    unreachable = tmp_path / "params.yaml"
+    config = yaml.safe_load(params.read_text())
+    config["registry"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
+    unreachable.write_text(yaml.safe_dump(config))
+    runs = {
+        "alias": [str(BIN / "tim"), "sample", "--params", str(params), "--model", f"models:/{name}@nowhere",
+                  "--label", "1", "--out", str(tmp_path / "x.png")],
+        "registry": [str(BIN / "tim"), "rollback", "--params", str(unreachable), "--out", str(tmp_path / "r.json")],
+    }
+    procs = {k: subprocess.Popen(v, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, v in runs.items()}  # together: each pays the imports once, in parallel
+    results = {k: (p.wait(timeout=120), p.stderr.read()) for k, p in procs.items()}
+    assert results["alias"][0] == 2 and "error: models:/tim-served@nowhere" in results["alias"][1]
+    assert results["registry"][0] == 2 and "unreachable" in results["registry"][1]
+    assert "Traceback" not in results["alias"][1] + results["registry"][1]
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_mlflow_models_serve_answers_with_images(champion, tmp_path):
+    store, name, _ = champion
+    port = free_port()
+    # The scoring server is `uvicorn` from this environment: as in an activated venv, its bin comes first.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store.uri, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for attempt in Retrying(stop=stop_after_delay(120), wait=wait_fixed(0.5), reraise=True,
+                                retry=retry_if_exception_type(requests.ConnectionError)):
+            with attempt:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                requests.get(f"{url}/ping", timeout=2).raise_for_status()
+        body = {"dataframe_split": {"columns": ["label", "num_images", "nfe", "seed"], "data": [[1, 2, 2, 7]]}}
+        response = requests.post(f"{url}/invocations", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        rows = response.json()["predictions"]
+        assert [(r["label"], r["nfe"], r["network_evals"]) for r in rows] == [(1, 2, 2), (1, 2, 2)]
+        image = Image.open(io.BytesIO(base64.b64decode(rows[0]["image"])))
+        assert image.size == (SIZE, SIZE) and image.mode == "L"
+        bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["label"], "data": [[9]]}},
+                            timeout=60)
+        assert bad.status_code == 400 and "label 9 outside 0..2" in bad.text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
