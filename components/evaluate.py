@@ -76,20 +76,37 @@ class EvaluateParams(StageParams):
 
 # --- model sources --------------------------------------------------------------------------------------------
 @contextmanager
-def model_folder(source: str, tracking_uri: str) -> Iterator[Path]:
-    """A local folder for ``source``: itself, or the MLflow artifact it names, downloaded into a temp folder."""
+def model_folder(source: str, tracking_uri: str) -> Iterator[tuple[Path, str | None]]:
+    """(a local folder for ``source``, the MLflow run it came from): the folder itself, or the artifact a
+    ``runs:/`` or ``models:/name@alias`` (``models:/name/version``) URI names, downloaded into a temp folder."""
     if not source.startswith(URI_SCHEMES):
-        yield Path(source)
+        yield Path(source), None
         return
     import mlflow.artifacts
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory(prefix="tim-eval-model-") as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+            if source.startswith("runs:/"):
+                artifact_uri, run_id = source, source.split("/")[1]
+            else:
+                # The registry is asked explicitly: download_artifacts alone would look in the default registry.
+                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                ref = source.removeprefix("models:/").strip("/")
+                if "@" in ref:
+                    version = client.get_model_version_by_alias(*ref.split("@", 1))
+                elif "/" in ref:
+                    version = client.get_model_version(*ref.rsplit("/", 1))
+                else:
+                    raise ModelError(f"{source}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+                artifact_uri = client.get_model_version_download_uri(version.name, version.version)
+                run_id = version.run_id
+            path = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp,
+                                                       tracking_uri=tracking_uri)
         except (MlflowException, OSError) as e:
             raise ModelError(f"{source}: cannot download from MLflow at {tracking_uri}: {e}") from None
-        yield Path(path)
+        yield Path(path), run_id
 
 
 def load_model(folder: Path) -> tuple[tim_core.TiM, tim_core.Transport, dict]:
@@ -192,6 +209,7 @@ def plot_fid(curves: dict[str, list[tuple[int, float, float]]], floor: float | N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, points in curves.items():
@@ -200,6 +218,8 @@ def plot_fid(curves: dict[str, list[tuple[int, float, float]]], floor: float | N
     if floor is not None:
         ax.axhline(floor, color="gray", linestyle="--", label="floor (val vs train)")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_yscale("log")  # FID spans orders of magnitude between 1 step of a weak model and the floor
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel("FID (evaluator features)")
     ax.set_title(title)
@@ -269,14 +289,14 @@ def evaluate(params: EvaluateParams, model_source: str, evaluator_dir: str | Pat
     floor = space.measure(val_x[keep], val_y[keep])
     log.info("floor (val vs train): FID %.2f, accuracy %.3f", floor["fid"], floor["accuracy"])
 
-    with model_folder(model_source, tracking_uri) as folder:
+    with model_folder(model_source, tracking_uri) as (folder, uri_run_id):
         model, transport, config = load_model(folder)
     if params.classes is not None and not all(0 <= c < model.num_classes for c in params.classes):
         raise ModelError(f"evaluate.classes {params.classes} outside the model's 0..{model.num_classes - 1}")
     if evaluator.config["num_classes"] != model.num_classes:
         raise ModelError(f"the evaluator knows {evaluator.config['num_classes']} classes, the model "
                          f"{model.num_classes}: train both on the same shards")
-    run_id = (run or {}).get("run_id") or _uri_run_id(model_source) or config.get("train", {}).get("mlflow_run_id")
+    run_id = (run or {}).get("run_id") or uri_run_id or config.get("train", {}).get("mlflow_run_id")
     objective = objective_of(config, tracking_uri, run_id)
     mode = params.mode if params.mode != "auto" else ("diffusion" if objective == "fm" else "transition")
     if params.mode == "auto" and objective is None:
@@ -321,10 +341,6 @@ def balanced(labels: Tensor, classes: list[int] | None, per_class: int) -> Tenso
     """Indices of the first ``per_class`` items of each requested class (all of a class that has fewer)."""
     wanted = classes if classes is not None else labels.unique().tolist()
     return torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in wanted])
-
-
-def _uri_run_id(source: str) -> str | None:
-    return source.split("/")[1] if source.startswith("runs:/") else None
 
 
 def log_to_run(tracking_uri: str, run_id: str, result: dict, out_dir: Path) -> None:

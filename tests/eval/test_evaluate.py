@@ -96,6 +96,14 @@ def test_model_by_runs_uri_is_downloaded_evaluated_and_logged(eval_params, model
     logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert "evaluation/metrics.json" in logged and "evaluation/fid_vs_nfe.png" in logged
 
+    # The same model through the registry, by alias: same samples, same numbers.
+    client.create_registered_model("tim-eval-test")
+    version = client.create_model_version("tim-eval-test", f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias("tim-eval-test", "champion", version.version)
+    by_alias = evaluate(eval_params(tracking_uri=uri), "models:/tim-eval-test@champion", evaluator_dir, shards,
+                        tmp_path / "out2", log_to_mlflow=False)
+    assert {k: v["fid"] for k, v in by_alias["ema"].items()} == {k: v["fid"] for k, v in result["ema"].items()}
+
 
 def test_unknown_uri_and_missing_evaluator_are_clear_cli_errors(model_dir, evaluator_dir, shards, tmp_path):
     cmd = [sys.executable, "-m", "components.cli", "evaluate", "--shards", str(shards), "--out", str(tmp_path / "o")]
