@@ -128,8 +128,7 @@ def evaluate(
     evaluator: Path = typer.Option(Path("models/evaluator"), help="Output of `tim train-evaluator`."),
     shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard` (reference and floor)."),
     out: Path = typer.Option(Path("runs/evaluate"), help="Output folder: metrics.json, per_nfe.csv, plots."),
-    run_file: Path = typer.Option(None, help="models/train_run.json: the MLflow run to log to, and the "
-                                              "checkpoint with the raw weights."),
+    run_file: Path = typer.Option(None, help="models/train_run.json: the MLflow run to log to."),
 ) -> None:
     """Sample quality at every step count (FID, KID, precision/recall, accuracy, speed), logged to MLflow."""
     from components import evaluate as stage

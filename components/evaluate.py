@@ -42,6 +42,7 @@ from components.params import StageParams, load_section
 log = logging.getLogger(__name__)
 
 URI_SCHEMES = ("runs:/", "models:/")
+RAW_DIR = "raw"
 
 
 class EvaluateParams(StageParams):
@@ -60,7 +61,7 @@ class EvaluateParams(StageParams):
     kid_subset_size: int = Field(200, ge=2)
     kid_subsets: int = Field(20, ge=1)
     pr_k: int = Field(3, ge=1)
-    raw_weights: bool = True             # also evaluate the raw weights when the run's checkpoint is local
+    raw_weights: bool = True             # also evaluate the raw weights when the export has them (raw/)
     grid_steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 32])
     grid_per_class: int = Field(8, ge=1)
     threads: int = Field(0, ge=0)        # torch CPU threads; 0 = torch's default
@@ -115,19 +116,6 @@ def load_model(folder: Path) -> tuple[tim_core.TiM, tim_core.Transport, dict]:
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelError(f"{folder}: {e}") from None
     return model, transport, json.loads((folder / "config.json").read_text())
-
-
-def raw_weights(run_file: dict | None) -> dict[str, Tensor] | None:
-    """The raw (non-EMA) weights of the run's last checkpoint, if it is a local DeepSpeed ZeRO 0-2 checkpoint
-    (the export holds the EMA only). ZeRO-3 partitions the module, remote storage is not read: None."""
-    checkpoint = Path(run_file["checkpoint"]) if run_file and run_file.get("checkpoint") else None
-    if checkpoint is None or not (checkpoint / "latest").is_file():
-        return None
-    states = checkpoint / (checkpoint / "latest").read_text().strip() / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        return None
-    module = torch.load(states, map_location="cpu", weights_only=True)["module"]
-    return module if module and all(v.numel() for v in module.values()) else None
 
 
 def objective_of(config: dict, tracking_uri: str, run_id: str | None) -> str | None:
@@ -291,6 +279,9 @@ def evaluate(params: EvaluateParams, model_source: str, evaluator_dir: str | Pat
 
     with model_folder(model_source, tracking_uri) as (folder, uri_run_id):
         model, transport, config = load_model(folder)
+        # The train stage exports the raw (non-EMA) weights beside the EMA ones, in raw/.
+        has_raw = params.raw_weights and (folder / RAW_DIR / "config.json").is_file()
+        raw = load_model(folder / RAW_DIR)[0] if has_raw else None
     if params.classes is not None and not all(0 <= c < model.num_classes for c in params.classes):
         raise ModelError(f"evaluate.classes {params.classes} outside the model's 0..{model.num_classes - 1}")
     if evaluator.config["num_classes"] != model.num_classes:
@@ -304,11 +295,8 @@ def evaluate(params: EvaluateParams, model_source: str, evaluator_dir: str | Pat
 
     seeds = [params.seed + i for i in range(params.noise_seeds)]
     rows = evaluate_model(model, transport, space, params, mode, "ema", seeds)
-    raw = raw_weights(run) if params.raw_weights else None
     if raw is not None:
-        raw_model = tim_core.build_model(**config["model"])
-        raw_model.load_state_dict(raw)
-        rows += evaluate_model(raw_model.eval(), transport, space, params, mode, "raw", seeds[:1])
+        rows += evaluate_model(raw, transport, space, params, mode, "raw", seeds[:1])
 
     ema_rows = [r for r in rows if r["weights"] == "ema"]
     result: dict[str, Any] = {

@@ -8,7 +8,6 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from components.evaluate import evaluate, monotonicity
@@ -52,20 +51,15 @@ def test_flow_matching_model_is_sampled_in_diffusion_mode(eval_params, evaluator
     assert result["objective"] == "fm" and result["mode"] == "diffusion"
 
 
-def test_raw_weights_from_the_run_checkpoint_are_evaluated_too(eval_params, model_dir, evaluator_dir, shards,
-                                                               tmp_path):
-    # The layout the train stage's DeepSpeed (ZeRO 0-2) checkpoints have: `latest` names the tag folder.
-    checkpoint = tmp_path / "checkpoint"
-    (checkpoint / "step-7").mkdir(parents=True)
-    (checkpoint / "latest").write_text("step-7")
-    raw = save_tiny_model(tmp_path / "raw")
-    torch.save({"module": raw.state_dict()}, checkpoint / "step-7" / "mp_rank_00_model_states.pt")
-    run_file = tmp_path / "train_run.json"
-    run_file.write_text(json.dumps({"checkpoint": str(checkpoint)}))
-    result = evaluate(eval_params(noise_seeds=1, steps=[1]), str(model_dir), evaluator_dir, shards,
-                      tmp_path / "out", run_file, log_to_mlflow=False)
+def test_raw_weights_beside_the_ema_export_are_evaluated_too(eval_params, evaluator_dir, shards, tmp_path):
+    save_tiny_model(tmp_path / "model", objective="tim")
+    save_tiny_model(tmp_path / "model" / "raw", objective="tim")   # the train stage's layout: raw/ inside
+    result = evaluate(eval_params(noise_seeds=1, steps=[1]), str(tmp_path / "model"), evaluator_dir, shards,
+                      tmp_path / "out", log_to_mlflow=False)
     assert set(result) >= {"ema", "raw"}
     assert sorted(pd.read_csv(tmp_path / "out" / "per_nfe.csv").weights) == ["ema", "raw"]
+    # The same weights in both places: the same numbers.
+    assert result["raw"]["nfe_1"]["fid"] == result["ema"]["nfe_1"]["fid"]
 
 
 def test_monotonicity_judges_increases_against_the_seed_noise():
