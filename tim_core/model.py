@@ -217,7 +217,9 @@ class TiM(nn.Module):
 # Network sizes by name. tiny/small are this project's CPU sizes for 28x28x1 digits; B/4 and XL/2 are the
 # paper's (1000 classes on 32x32x4 latents).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(input_size=28, in_channels=1, num_classes=10, patch_size=4, hidden_size=128, depth=4,
+    # patch 7 (16 tokens): on 2 CPU cores it takes ~3x the steps of patch 4 in the same time, and gave
+    # recognisable digits at 1-8 steps where patch 4 did not, in the same 10-minute budget.
+    "tiny": dict(input_size=28, in_channels=1, num_classes=10, patch_size=7, hidden_size=128, depth=4,
                  num_heads=4, adaln_rank=64),
     "small": dict(input_size=28, in_channels=1, num_classes=10, patch_size=4, hidden_size=256, depth=6,
                   num_heads=4, adaln_rank=128),

@@ -6,7 +6,7 @@ import torch
 from tim_core import EMA, build_model, get_transport, load_pretrained, save_pretrained
 from tim_core.model import apply_rope, rope_angles, rope_positions
 
-SMALL = dict(hidden_size=32, depth=2, num_heads=2, adaln_rank=8)
+SMALL = dict(hidden_size=32, depth=2, num_heads=2, adaln_rank=8, patch_size=4)
 
 
 def randomize(model, scale=0.1):
@@ -92,7 +92,7 @@ def test_null_class_and_repa_head():
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="unknown preset name 'huge'; allowed: tiny, small, B/4, XL/2"):
         build_model("huge")
-    with pytest.raises(ValueError, match="divisible by patch_size 4"):
+    with pytest.raises(ValueError, match="divisible by patch_size 7"):
         build_model("tiny", input_size=30)
     with pytest.raises(ValueError, match="bad model override .*allowed: input_size"):
         build_model("tiny", width=3)

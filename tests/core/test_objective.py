@@ -11,7 +11,7 @@ from .toy import ToyNet
 def randomized_tiny(dtype=torch.float64, seed=0):
     """A tiny TiM whose zero-initialised layers are made non-zero, so its output depends on every input."""
     torch.manual_seed(seed)
-    net = build_model("tiny", input_size=8, hidden_size=32, depth=2, num_heads=2, adaln_rank=8).to(dtype)
+    net = build_model("tiny", input_size=8, patch_size=4, hidden_size=32, depth=2, num_heads=2, adaln_rank=8).to(dtype)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
