@@ -5,7 +5,8 @@ Checkpoint layout (one Ray checkpoint folder, filled by all ranks):
   latest, step-N/...      DeepSpeed's own files (module, optimizer partitions, scheduler, step counter)
   rng-rank{r}.pt          each rank's objective generator and torch RNG (exact continuation)
   ema.pt, state.json      rank 0: EMA state; step, images seen, identity
-  export/                 rank 0, final checkpoint only: EMA weights via tim_core.save_pretrained
+  export/                 rank 0, final checkpoint only: EMA weights via tim_core.save_pretrained,
+  export/raw/             and the raw (non-EMA) weights the same way
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from components.train_params import TrainParams
 
 EXPORT_DIR = "export"
+RAW_DIR = "raw"
 STATE_FILE = "state.json"
 OnStep = Callable[[int, int], None]  # (rank, step) after each optimizer step: hooks for tests and tools
 
@@ -133,26 +135,45 @@ class Worker:
     def save(self, metrics: dict[str, float], final: bool) -> None:
         """Every rank writes its part into a local folder; Ray merges them into one tracked checkpoint."""
         import ray.train
-        import tim_core
 
         with tempfile.TemporaryDirectory(prefix="tim-ckpt-") as tmp:
             directory = Path(tmp)
             self.engine.save_checkpoint(tmp, tag=f"step-{self.step}")
             torch.save({"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
                        directory / f"rng-rank{self.rank}.pt")
+            raw = self.raw_weights() if final else None
             if self.rank == 0:
                 torch.save(self.ema.state_dict(), directory / "ema.pt")
                 state = {"step": self.step, "images": self.images, "identity": self.config["identity"]}
                 (directory / STATE_FILE).write_text(json.dumps(state))
                 if final:
-                    self.ema.copy_to(self.sample_model)
-                    lineage = {"step": self.step, "images": self.images, "identity": self.config["identity"],
-                               "mlflow_run_id": self.config["run_id"], "weights": "ema",
-                               "objective": self.p.objective.name}
-                    tim_core.save_pretrained(self.sample_model, directory / EXPORT_DIR, transport=self.transport,
-                                             extra={"train": lineage})
+                    self.export(directory / EXPORT_DIR, raw)
             dist.barrier()
             ray.train.report({"step": self.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def raw_weights(self) -> dict[str, torch.Tensor] | None:
+        """The trained (non-EMA) weights, full and in float32, on rank 0 (collective under ZeRO-3)."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero3):
+            if self.rank != 0:
+                return None
+            return {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def export(self, directory: Path, raw: dict[str, torch.Tensor]) -> None:
+        """EMA weights in ``directory`` (what is sampled and promoted), the raw weights in ``directory/raw``
+        so that evaluation can compare the two without reading DeepSpeed's checkpoint format."""
+        import tim_core
+
+        lineage = {"step": self.step, "images": self.images, "identity": self.config["identity"],
+                   "mlflow_run_id": self.config["run_id"], "objective": self.p.objective.name}
+        self.ema.copy_to(self.sample_model)
+        tim_core.save_pretrained(self.sample_model, directory, transport=self.transport,
+                                 extra={"train": {**lineage, "weights": "ema"}})
+        # After the EMA export: save_pretrained replaces its whole target folder.
+        tim_core.save_pretrained(self.sample_model, directory / RAW_DIR, transport=self.transport, state_dict=raw,
+                                 extra={"train": {**lineage, "weights": "raw"}})
 
     # --- training -----------------------------------------------------------------------------------------
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

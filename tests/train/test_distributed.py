@@ -72,10 +72,13 @@ def test_zero2_run_trains_checkpoints_tracks_and_exports(reference):
         assert key in run.data.metrics, key
     assert sorted(loss_history(result.tracking_uri, result.run_id)) == [1, 2, 3, 4, 5, 6]
     client = MlflowClient(result.tracking_uri)
-    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {"model/config.json",
-                                                                               "model/model.safetensors"}
+    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {
+        "model/config.json", "model/model.safetensors", "model/raw"}
     assert any(a.path == "images" for a in client.list_artifacts(result.run_id))
 
+    # The raw weights are exported beside the EMA for evaluation; after 6 steps they differ from the average.
+    raw, ema = export_weights(project / "model" / "raw"), export_weights(project / "model")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     model, transport = tim_core.load_pretrained(project / "model")
     noise = torch.randn(4, model.in_channels, *model.input_size, generator=torch.Generator().manual_seed(0))
     out = tim_core.sample(model, noise, torch.tensor([0, 1, 2, 3]), steps=2, transport=transport)
@@ -91,9 +94,10 @@ def test_every_zero_stage_follows_the_same_losses_and_ema(reference, stage, shar
         loss_history(ref.tracking_uri, ref.run_id), rel=1e-3)
     # Partitioning changes only the order of float reductions; a few near-zero Adam updates may flip, so
     # compare whole tensors (relative norm) rather than single entries.
-    ema, ref_ema = export_weights(tmp_path / "model"), export_weights(project / "model")
-    for key, value in ema.items():
-        assert (value - ref_ema[key]).norm() <= 1e-3 * ref_ema[key].norm() + 1e-6, key
+    for weights in ("", "raw"):
+        got, want = export_weights(tmp_path / "model" / weights), export_weights(project / "model" / weights)
+        for key, value in got.items():
+            assert (value - want[key]).norm() <= 1e-3 * want[key].norm() + 1e-6, f"{weights or 'ema'} {key}"
 
 
 def test_restart_resumes_from_checkpoint_into_the_same_run_on_a_postgres_server(reference, shards, tmp_path,
