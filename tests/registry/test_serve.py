@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_mlflow_models_serve_answers_with_images(champion, tmp_path):
     env = dict(os.environ, MLFLOW_TRACKING_URI=store.uri, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"))
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"),
+                              start_new_session=True)  # its own group: stopping it stops the uvicorn it runs
     url = f"http://127.0.0.1:{port}"
     try:
         for attempt in Retrying(stop=stop_after_delay(120), wait=wait_fixed(0.5), reraise=True,
@@ -101,5 +103,5 @@ def test_mlflow_models_serve_answers_with_images(champion, tmp_path):
                             timeout=60)
         assert bad.status_code == 400 and "label 9 outside 0..2" in bad.text
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
