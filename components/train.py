@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -86,13 +87,11 @@ def connect_ray(params: TrainParams) -> bool:
     if address and address != "auto":
         parsed = urlparse(address if "://" in address else f"ray://{address}")
         probe_tcp(parsed.hostname or "", parsed.port or 6379, d.probe_timeout_s, what="Ray cluster")
-    if not address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return False
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False  # this process already runs Ray (a notebook, a test session): use it
     if address:
+        import ray
+
         import components
         import tim_core
 

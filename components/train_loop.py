@@ -38,7 +38,7 @@ def deepspeed_config(p: TrainParams, use_gpu: bool) -> dict[str, Any]:
         "gradient_accumulation_steps": p.optim.grad_accum,
         "gradient_clipping": p.optim.grad_clip,
         "zero_optimization": {"stage": p.distributed.zero_stage},
-        # bf16 where the hardware has it; CPUs train in fp32 (DeepSpeed's CPU bf16 path is slow and untested).
+        # bf16 on GPUs; CPUs train in fp32 (most have no fast bf16 matmul).
         "bf16": {"enabled": use_gpu},
         # A plain torch AdamW is passed in (DeepSpeed's fused Adam JIT-compiles for minutes).
         "zero_allow_untested_optimizer": True,
@@ -104,7 +104,6 @@ class Worker:
         if self.rank == 0:
             self.ema = tim_core.EMA(model, decay=p.ema.decay, warmup=p.ema.warmup)
             self.sample_model = tim_core.build_model(**model.config).to(self.device).eval()
-        self.model_config = model.config
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=p.optim.betas,
                                       weight_decay=p.optim.weight_decay)
