@@ -172,6 +172,9 @@ def register(
 
 def _open_hint(uri: str, name: str) -> str:
     if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.is_relative_to(Path.cwd()):  # the project's own store: the short form a user can retype
+            uri = f"sqlite:///{db.relative_to(Path.cwd())}"
         return f"mlflow ui --backend-store-uri {uri}   (then Models > {name})"
     return f"{uri.rstrip('/')}/#/models/{name}"
 

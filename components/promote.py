@@ -53,6 +53,8 @@ def lease(client, name: str, p: LockParams) -> Iterator[str]:
     Fischer's protocol: write our token only when the lease is free or expired, wait ``settle_s``, and hold it
     only if our token is still there. Two contenders cannot both hold it as long as ``settle_s`` exceeds the
     time between a contender's read and its write (one registry round trip)."""
+    from mlflow.exceptions import MlflowException
+
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def holder() -> dict | None:
@@ -63,8 +65,14 @@ def lease(client, name: str, p: LockParams) -> Iterator[str]:
         held = holder()
         if held and held["owner"] != token and held["expires"] > time.time():
             raise _Busy(held)
-        client.set_registered_model_tag(name, LEASE_TAG,
-                                        json.dumps({"owner": token, "expires": time.time() + p.lease_s}))
+        try:
+            client.set_registered_model_tag(name, LEASE_TAG,
+                                            json.dumps({"owner": token, "expires": time.time() + p.lease_s}))
+        except MlflowException:
+            # Two first writes of the tag collide in the store (a unique-key violation on PostgreSQL): lost race.
+            if holder() is None:
+                raise
+            raise _Busy(holder()) from None
         time.sleep(p.settle_s)
         held = holder()
         if not held or held["owner"] != token:
@@ -190,10 +198,12 @@ def _record(client, decision: dict[str, Any], run_id: str, kind: str, out_file: 
 
 
 def promote(params: RegistryParams, version: str | int, out_file: str | Path | None = None, *,
-            project_dir: str | Path | None = None) -> dict[str, Any]:
-    """Judge ``version`` against the champion and move the aliases; returns the decision."""
+            project_dir: str | Path | None = None, registered_uri: str | None = None) -> dict[str, Any]:
+    """Judge ``version`` against the champion and move the aliases; returns the decision.
+
+    ``registered_uri``: the store `tim register` wrote to, used unless params name one."""
     project_dir = Path(project_dir or Path.cwd()).resolve()
-    uri = tracking_uri(params, project_dir)
+    uri = tracking_uri(params, project_dir, fallback=registered_uri)
     client = connect(uri, params.probe_timeout_s)
     registered_model(client, params.model_name)
     with lease(client, params.model_name, params.lock) as token:
@@ -238,6 +248,7 @@ def run_promote(params_path: str | Path, registered_file: str | Path | None, ver
                 out_file: str | Path) -> dict[str, Any]:
     """CLI entry: the version from ``--version`` or the file `tim register` wrote."""
     params = load_section("registry", RegistryParams, params_path)
+    record: dict[str, Any] = {}
     if version is None:
         path = Path(registered_file or "models/registered.json")
         if not path.is_file():
@@ -247,7 +258,8 @@ def run_promote(params_path: str | Path, registered_file: str | Path | None, ver
             raise RegistryError(f"{path} names model {record.get('name')!r}, params registry.model_name is "
                                 f"{params.model_name!r}")
         version = record["version"]
-    return promote(params, version, out_file, project_dir=Path(params_path).resolve().parent)
+    return promote(params, version, out_file, project_dir=Path(params_path).resolve().parent,
+                   registered_uri=record.get("tracking_uri"))
 
 
 def run_rollback(params_path: str | Path, out_file: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@ PostgreSQL-backed `mlflow server` (each test runs on both)."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 
 from components.promote import StaleChampion, apply, decide, promote, rollback
 from components.registry import RegistryError, aliases as alias_map
-from tests.registry.conftest import SIZE, metrics_json
+from tests.registry.conftest import SIZE
 
 GOOD = {1: 40.0, 2: 30.0, 4: 20.0}
 BETTER = {1: 30.0, 2: 22.0, 4: 15.0}
@@ -69,20 +70,17 @@ def test_gate_moves_aliases(store, name):
 
 
 def test_missing_evaluation_is_an_error_and_moves_nothing(store, name):
-    import mlflow
+    from components.register import register
 
     first = store.version(name, GOOD)
     promote(store.params(name), first)
     unevaluated = store.trained(seed=5, metrics=None)  # evaluate never logged to this run
     with pytest.raises(RegistryError, match="evaluation/metrics.json"):
-        from components.register import register
-
         register(store.params(name), unevaluated / "tim", unevaluated / "train_run.json", None)
     # A version registered by other means (here straight from the run's model) is judged the same way.
     client = store.client()
-    run_id = (unevaluated / "train_run.json").read_text().split('"run_id": "')[1].split('"')[0]
+    run_id = json.loads((unevaluated / "train_run.json").read_text())["run_id"]
     client.log_artifacts(run_id, str(unevaluated / "tim"), "model")
-    mlflow.set_registry_uri(store.uri)
     by_hand = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version
     with pytest.raises(RegistryError, match="no readable evaluation/metrics.json"):
         promote(store.params(name), by_hand)
