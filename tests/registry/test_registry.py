@@ -156,3 +156,13 @@ def test_rollback(store, name):
     with pytest.raises(RegistryError, match="'previous' points nowhere"):
         rollback(store.params(name))
     assert aliases(store, name) == {"champion": first}
+
+
+def test_a_missing_store_is_an_error_and_is_not_created(tmp_path):
+    from components.registry import RegistryParams
+
+    db = tmp_path / "nowhere" / "mlruns.db"
+    for stage in (lambda p: promote(p, 1), rollback):
+        with pytest.raises(RegistryError, match="no MLflow store at"):
+            stage(RegistryParams(tracking_uri=f"sqlite:///{db}"))
+    assert not db.parent.exists()
