@@ -1,12 +1,13 @@
 """Training speed on this machine: what the TiM objective costs over flow matching, and what Ray + ZeRO costs.
 
-  .venv/bin/python benchmarks/train_speed.py [--shards data/shards] [--steps 20] [--ray-steps 60]
+  .venv/bin/python benchmarks/train_speed.py [--shards data/shards] [--steps 20] [--ray-steps 60] [--threads 1]
 
 1. One process, one optimizer step (forward, backward, AdamW) of the same network and batch under TiM with the
    DDE derivative, flow matching, and TiM with the JVP derivative: median step time (the three take turns) and
    peak RSS (each in a fresh process, so that peaks do not mask each other). Aim: TiM-DDE <= 1.4x flow matching.
 2. The `train` stage end to end (Ray Train, DeepSpeed ZeRO-2, gloo) with 2 workers x 1 thread against 1 worker x
-   2 threads, same global batch: images/s after the first logging window. Aim: >= 0.85.
+   2 threads, same global batch: images/s after the first logging window. Aim: >= 0.85. A third run, 1 worker x
+   1 thread, gives the scaling efficiency of the 2-worker run.
 Prints a table and writes benchmarks/results/train_speed.md.
 """
 
@@ -140,20 +141,24 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, help="shard folder (default: 1,000 MNIST digits built in a temp dir)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per objective")
     parser.add_argument("--ray-steps", type=int, default=60, help="steps of each Ray run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the objective timing (default 1, as each worker of the cpu profile)")
     args = parser.parse_args()
-    threads = os.cpu_count() or 1
+    cores = os.cpu_count() or 1
     p = cpu_params()
     load_before = os.getloadavg()[0]
 
-    print(f"objectives: {p.model.preset} model, batch {p.optim.global_batch}, {threads} threads, one process")
-    rows = objective_table(args.steps, threads)
+    print(f"objectives: {p.model.preset} model, batch {p.optim.global_batch}, {args.threads} thread(s), one process")
+    rows = objective_table(args.steps, args.threads)
     fm = rows["flow matching"][0]
 
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
         shards = args.shards or build_shards(Path(tmp))
         print("Ray Train + DeepSpeed ZeRO-2 throughput")
-        one = ray_throughput(shards.resolve(), 1, threads, args.ray_steps, Path(tmp))
-        two = ray_throughput(shards.resolve(), 2, threads // 2 or 1, args.ray_steps, Path(tmp))
+        # (workers, threads each): the same cores as 1 or 2 processes, and one worker alone for the scaling.
+        ray_rows = {(w, t): ray_throughput(shards.resolve(), w, t, args.ray_steps, Path(tmp))
+                    for w, t in ((1, cores), (2, cores // 2 or 1), (1, cores // 2 or 1))}
+    one, two, single = ray_rows[(1, cores)], ray_rows[(2, cores // 2 or 1)], ray_rows[(1, cores // 2 or 1)]
 
     load_after = os.getloadavg()[0]
     import deepspeed
@@ -164,13 +169,14 @@ def main() -> None:
         "# Training speed",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `.venv/bin/python benchmarks/train_speed.py"
-        f" --steps {args.steps} --ray-steps {args.ray_steps}` on {threads} CPU cores ({platform.processor() or platform.machine()}),"
+        f" --steps {args.steps} --ray-steps {args.ray_steps} --threads {args.threads}` on {cores} CPU cores"
+        f" ({platform.processor() or platform.machine()}),"
         f" torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}.",
         f"Model `{p.model.preset}` on 28x28x1 digits, batch {p.optim.global_batch} (the `cpu` profile).",
         f"1-minute load average {load_before:.1f} before and {load_after:.1f} after: other jobs shared the cores,"
         " so absolute figures are pessimistic; the ratios are the point.",
         "",
-        "## Objective cost (one process, forward + backward + AdamW)",
+        f"## Objective cost (one process, {args.threads} thread(s), forward + backward + AdamW)",
         "",
         "| objective | ms / step | x flow matching | peak RSS MiB | RSS growth in the loop MiB |",
         "|---|---:|---:|---:|---:|",
@@ -180,14 +186,15 @@ def main() -> None:
         f"TiM with DDE costs {rows['TiM (DDE)'][0] / fm:.2f}x flow matching (aim <= 1.4x); "
         f"JVP costs {rows['TiM (JVP)'][0] / rows['TiM (DDE)'][0]:.2f}x DDE.",
         "",
-        f"## Ray Train + DeepSpeed ZeRO-2 ({threads} threads in total, global batch {p.optim.global_batch})",
+        f"## Ray Train + DeepSpeed ZeRO-2 (global batch {p.optim.global_batch}, images/s after the first window)",
         "",
         "| workers x threads | images / s |",
         "|---|---:|",
-        f"| 1 x {threads} | {one:.0f} |",
-        f"| 2 x {threads // 2 or 1} | {two:.0f} |",
+        *(f"| {w} x {t} | {v:.0f} |" for (w, t), v in ray_rows.items()),
         "",
-        f"2 workers reach {two / one:.2f} of 1 worker's throughput (aim >= 0.85).",
+        f"2 workers x {cores // 2 or 1} thread reach {two / one:.2f} of 1 worker x {cores} threads on the same"
+        f" cores (aim >= 0.85); against twice one {cores // 2 or 1}-thread worker alone they reach"
+        f" {two / (2 * single):.2f} (gradient reduction, and each step waiting for the slower rank on shared cores).",
         "",
     ]
     text = "\n".join(lines)
