@@ -206,7 +206,7 @@ def plot_fid(curves: dict[str, list[tuple[int, float, float]]], floor: float | N
     if floor is not None:
         ax.axhline(floor, color="gray", linestyle="--", label="floor (val vs train)")
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_yscale("log")  # FID spans orders of magnitude between 1 step of a weak model and the floor
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel("FID (evaluator features)")
