@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
 
+from tests.services import BIN, free_port  # noqa: F401  (re-exported for the data tests)
+
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the venv's bin: tim, dvc, moto_server
 
 
 def write_params(path: Path, **sections: dict) -> Path:
@@ -37,12 +36,6 @@ def make_image_folder(root: Path, classes=("cat", "dog", "owl"), per_class=12, s
             else:
                 image.save(root / name / f"{i:03d}.png")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def leftovers(parent: Path) -> list[str]:

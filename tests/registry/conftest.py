@@ -15,7 +15,7 @@ import torch
 import tim_core
 from components.register import register
 from components.registry import RegistryParams
-from tests.train.conftest import free_port, mlflow_server  # noqa: F401  (the session's PostgreSQL + MLflow server)
+from tests.services import free_port  # noqa: F401  (used by the registry tests)
 
 SIZE = 8       # image side of the test models
 CLASSES = 3
@@ -88,7 +88,7 @@ def sqlite_store(tmp_path_factory) -> Store:
 
 
 @pytest.fixture(scope="session")
-def server_store(mlflow_server, tmp_path_factory) -> Store:  # noqa: F811
+def server_store(mlflow_server, tmp_path_factory) -> Store:
     return Store(mlflow_server, tmp_path_factory.mktemp("registry-server"))
 
 
