@@ -1,5 +1,5 @@
-"""Fixtures for the evaluation tests: tiny real shards (the data stages on 200 digits), a briefly trained
-evaluator and a tiny TiM, each built once per session."""
+"""Fixtures for the evaluation tests: a briefly trained evaluator and a tiny TiM, each built once per session
+(the tiny shards are tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -20,17 +20,6 @@ def tiny(stage: str, schema, **overrides):
     """params.yaml's section under its committed cpu-tiny profile, with ``overrides``."""
     section = dict(read_params(REPO / "params.yaml")[stage], profile="cpu-tiny")
     return schema.model_validate({**resolve_profile(section, stage), **overrides})
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    from components import prepare, shard, validate
-
-    root = tmp_path_factory.mktemp("eval-data")
-    prepare.prepare(prepare.PrepareParams(limit=200), root / "prepared")
-    validate.validate(validate.ValidateParams(min_train_per_class=5), root / "prepared", root / "validated")
-    shard.shard(shard.ShardParams(shard_size=40), root / "prepared", root / "validated", root / "shards")
-    return root / "shards"
 
 
 @pytest.fixture(scope="session")
