@@ -16,15 +16,20 @@ from tests.services import mlflow_on_postgres, postgres_available  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory):
-    """prepare -> validate -> shard on 200 MNIST digits (the real stages), once per session."""
+def tiny_data(tmp_path_factory):
+    """prepare -> validate -> shard on 200 MNIST digits (the real stages), once per session; the data folder."""
     from components import prepare, shard, validate
 
     root = tmp_path_factory.mktemp("tiny-data")
     prepare.prepare(prepare.PrepareParams(limit=200), root / "prepared")
     validate.validate(validate.ValidateParams(min_train_per_class=5), root / "prepared", root / "validated")
     shard.shard(shard.ShardParams(shard_size=40), root / "prepared", root / "validated", root / "shards")
-    return root / "shards"
+    return root
+
+
+@pytest.fixture(scope="session")
+def shards(tiny_data):
+    return tiny_data / "shards"
 
 
 @pytest.fixture(scope="session")

@@ -54,15 +54,3 @@ def aws_env(monkeypatch, moto_server):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return moto_server
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """prepare -> validate -> shard on 200 MNIST digits, once per session; returns the data folder."""
-    from components import prepare, shard, validate
-
-    root = tmp_path_factory.mktemp("tiny")
-    prepare.prepare(prepare.PrepareParams(limit=200), root / "prepared")
-    validate.validate(validate.ValidateParams(min_train_per_class=5), root / "prepared", root / "validated")
-    shard.shard(shard.ShardParams(shard_size=40), root / "prepared", root / "validated", root / "shards")
-    return root
