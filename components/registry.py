@@ -11,13 +11,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
 
 from components.errors import TimError
 from components.params import StageParams
-from components.tracking import probe_tracking_uri, resolve_tracking_uri
+from components.tracking import probe_tracking_uri, resolve_tracking_uri, sqlite_file
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 RUN_TAG = "tim.train.run_id"             # the training run whose evaluation judges a version
@@ -77,10 +76,9 @@ def tracking_uri(params: RegistryParams, project_dir: Path, fallback: str | None
 def connect(uri: str, timeout_s: float):
     """An MlflowClient for ``uri`` after checking the store is there (a sqlite file is never created here:
     a missing file means a wrong path, and an empty new registry would only hide it)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite" and not Path(parsed.path).is_file():
-        raise RegistryError(f"no MLflow store at {parsed.path} ({uri}); train first, or point registry.tracking_uri "
-                            "or MLFLOW_TRACKING_URI at your store")
+    if uri.startswith("sqlite:///") and not sqlite_file(uri).is_file():
+        raise RegistryError(f"no MLflow store at {sqlite_file(uri)} ({uri}); train first, or point "
+                            "registry.tracking_uri or MLFLOW_TRACKING_URI at your store")
     probe_tracking_uri(uri, timeout_s)
     from mlflow import MlflowClient
 

@@ -38,6 +38,12 @@ def resolve_tracking_uri(configured: str | None, project_dir: Path) -> str:
     return f"sqlite:///{(project_dir / EMBEDDED_DB).resolve()}"
 
 
+def sqlite_file(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI, as SQLAlchemy reads it: ``sqlite:///mlruns.db`` is relative to
+    the working directory, ``sqlite:////abs/mlruns.db`` absolute (urlparse would make both absolute)."""
+    return Path(uri[len("sqlite:///"):])
+
+
 def probe_tracking_uri(uri: str, timeout_s: float) -> None:
     """Fail fast, before any training, when the tracking server does not answer."""
     parsed = urlparse(uri)
@@ -55,7 +61,7 @@ def probe_tracking_uri(uri: str, timeout_s: float) -> None:
         if response.status_code != 200:
             raise Unreachable(f"MLflow tracking server {uri}: {health} answered HTTP {response.status_code}")
     elif parsed.scheme == "sqlite":
-        Path(parsed.path).parent.mkdir(parents=True, exist_ok=True)
+        sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
     elif parsed.hostname:
         # A database URI (postgresql://...): check the port answers instead of waiting on a driver timeout.
         probe_tcp(parsed.hostname, parsed.port or 5432, timeout_s, what=f"MLflow store {parsed.scheme}://")
@@ -105,7 +111,7 @@ def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         # Keep artifacts beside the embedded database instead of MLflow's cwd-relative default.
-        artifact_location = (Path(urlparse(tracking_uri).path).parent / EMBEDDED_ARTIFACTS).resolve().as_uri()
+        artifact_location = (sqlite_file(tracking_uri).parent / EMBEDDED_ARTIFACTS).resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
