@@ -18,17 +18,20 @@ HEADER = 14  # pixels above each panel for its "NFE n" label
 
 @torch.no_grad()
 def nfe_grid(model: tim_core.TiM, transport: tim_core.Transport, steps: list[int], per_class: int = 8,
-             cfg_scale: float = 1.0, seed: int = 0, device: str = "cpu", mode: str = "transition") -> Image.Image:
-    """Samples of every class at each step count, side by side; the label shows the honest NFE."""
+             cfg_scale: float = 1.0, seed: int = 0, device: str | torch.device = "cpu", mode: str = "transition",
+             classes: int | None = None) -> Image.Image:
+    """Samples of every class (or of ``classes`` evenly spaced ones) at each step count, side by side; the
+    label shows the honest NFE."""
     model = model.to(device).eval()
-    labels = torch.arange(model.num_classes).repeat_interleave(per_class)
+    rows = min(model.num_classes, classes or model.num_classes)
+    labels = torch.linspace(0, model.num_classes - 1, rows).round().long().repeat_interleave(per_class)
     noise = torch.randn(len(labels), model.in_channels, *model.input_size,
                         generator=torch.Generator().manual_seed(seed))
     panels = []
     for n in steps:
         result = tim_core.sample(model, noise.to(device), labels.to(device), n, transport=transport,
                                  cfg_scale=cfg_scale, mode=mode)
-        panel = image_grid(result.samples.float().cpu().numpy(), rows=model.num_classes).convert("RGB")
+        panel = image_grid(result.samples.float().cpu().numpy(), rows=rows).convert("RGB")
         framed = Image.new("RGB", (panel.width, panel.height + HEADER), "white")
         framed.paste(panel, (0, HEADER))
         ImageDraw.Draw(framed).text((2, 1), f"{n} step{'s' * (n > 1)}, NFE {result.nfe}", fill="black")

@@ -213,19 +213,15 @@ class Worker:
         return bool(flag.item())
 
     def sample_grid(self) -> Any:
-        import tim_core
-
-        from components.tracking import image_grid
+        """The EMA's samples at ``sample_steps``, the same noise every time (components.samples.nfe_grid)."""
+        from components.samples import nfe_grid
 
         p, model = self.p.schedule, self.sample_model
         self.ema.copy_to(model)
-        rows = min(model.num_classes, p.sample_classes)
-        labels = torch.linspace(0, model.num_classes - 1, rows).round().long().repeat_interleave(p.sample_per_class)
-        shape = (labels.numel(), model.in_channels, *model.input_size)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.p.seed))  # same noise every grid
-        result = tim_core.sample(model, noise.to(self.device), labels.to(self.device), p.sample_steps,
-                                 transport=self.transport, cfg_scale=p.sample_cfg_scale)
-        return image_grid(result.samples.float().cpu().numpy(), rows=rows)
+        mode = "diffusion" if self.p.objective.name == "fm" else "transition"  # fm never saw r != t
+        return nfe_grid(model, self.transport, [p.sample_steps], per_class=p.sample_per_class,
+                        cfg_scale=p.sample_cfg_scale, seed=self.p.seed, device=self.device, mode=mode,
+                        classes=p.sample_classes)
 
     def run(self, on_step: OnStep | None) -> None:
         p, engine = self.p, self.engine
