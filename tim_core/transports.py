@@ -2,9 +2,9 @@
 
 A path is x_t = alpha(t) x + sigma(t) eps. The network regresses a "diffusion target" h_t = ah(t) x + sh(t) eps;
 solving [x_t; h_t] for (x, eps) and re-noising to time r gives the first-order transition x_r = A x_t + B F
-(spec section 2). Each path below states its coefficients and the closed forms of the transition and of the
-state-transition-identity target; tests/core/test_transports.py checks the closed forms against the general
-identity numerically.
+(docs/method.md section 2). Each path below states its coefficients and the closed forms of the transition and of
+the state-transition-identity target (section 3); tests/core/test_transports.py checks the closed forms against
+the general formulas numerically.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class Transport(ABC):
     T_min: float
     T_max: float
     sigma_d: float  # data scale used by the time weighting of the objective
+    # How the DDE step is taken (docs/method.md section 4.2): "linear" evaluates F at t +- e, "log" at
+    # t * exp(+-e), a step of e in ln t. Paths whose noise level spans decades (EDM, VE, VP) use "log".
+    dde_step: str = "linear"
 
     def __init__(self, **params):
         self.params = params  # what get_transport needs to rebuild this path (saved with models)
@@ -63,7 +66,8 @@ class Transport(ABC):
 
     @abstractmethod
     def c_noise(self, t: Tensor) -> Tensor:
-        """The time value the network sees (its embedding input)."""
+        """The time value the network sees (its embedding input), chosen per path so that the DDE step moves it
+        smoothly (docs/method.md section 2.3)."""
         ...
 
     # --- the path -----------------------------------------------------------------------------------------
@@ -81,6 +85,48 @@ class Transport(ABC):
         """h_t, what a plain diffusion model regresses (and TiM at r = t)."""
         ah, sh = self.target_coefficients(_like(t, x))
         return ah * x + sh * eps
+
+    def ot_time(self, t) -> Tensor:
+        """The OT-FM time with the same noise-to-signal ratio: sigma / (alpha + sigma), in [0, 1].
+
+        A clock shared by every path, used by the time weighting (docs/method.md section 4.5) and the
+        model-guidance window (section 5). For OT-FM it is t itself.
+        """
+        t = torch.as_tensor(t)
+        a, s, _, _ = self.interpolant(t)
+        return s / (a + s)
+
+    def predict_endpoints(self, x_t: Tensor, F: Tensor, t) -> tuple[Tensor, Tensor]:
+        """(x_hat, eps_hat): the data and noise that the pair [x_t; F] implies at time t.
+
+        Solves x_t = alpha x + sigma eps, F = ah x + sh eps (docs/method.md section 2.2).
+        """
+        t = _like(t, x_t)
+        a, s, _, _ = self.interpolant(t)
+        ah, sh = self.target_coefficients(t)
+        C = a * sh - s * ah
+        return (sh * x_t - s * F) / C, (a * F - ah * x_t) / C
+
+    def to_data(self, x_r: Tensor, r, eps_hat: Tensor) -> Tensor:
+        """Map a state at time r back to data space: x = (x_r - sigma(r) eps_hat) / alpha(r).
+
+        The sampler applies it to the state at T_min with the noise estimate of its last step, so every path
+        returns data (docs/method.md section 7.5); with alpha(T_min) = 1 and sigma(T_min) = 0 (OT-FM,
+        TrigFlow) it returns x_r unchanged.
+        """
+        a, s, _, _ = self.interpolant(_like(r, x_r))
+        return (x_r - s * eps_hat) / a
+
+    def dde_times(self, t: Tensor, r: Tensor, e: float) -> tuple[Tensor, Tensor]:
+        """The two times of the DDE central difference around t: (t_plus, t_minus).
+
+        t_plus is clamped to T_max and t_minus to r (r <= t - e, a one-sided difference near the ends).
+        """
+        if self.dde_step == "log":
+            up, down = t * math.exp(e), t * math.exp(-e)
+        else:
+            up, down = t + e, t - e
+        return up.clamp(max=self.T_max), torch.maximum(down, r)
 
     def prior_scale(self) -> float:
         """Standard deviation of the noise part at T_max: the sampler starts from prior_scale() * N(0, I)."""
@@ -152,6 +198,9 @@ class OTFM(Transport):
         # embedding's highest frequency, and the central difference would no longer estimate dF/dt.
         return t
 
+    def ot_time(self, t):
+        return torch.as_tensor(t)  # exactly t (sigma / (alpha + sigma) can round differently)
+
     def _transition(self, x_t, F, t, r):
         return x_t - (t - r) * F
 
@@ -194,10 +243,12 @@ class EDM(Transport):
     """EDM in the unit-variance form: alpha = 1/S, sigma = t/S with S = sqrt(t^2 + sd^2).
 
     Target h = t/(sd S) x - sd/S eps (EDM's F-prediction). A, B and B/B' are derived from the general
-    formula, so they are right for any sigma_d (the reference code is only right for sigma_d = 1).
+    formula, so they are right for any sigma_d (docs/method.md section 10: the authors' coefficients are only
+    right for sigma_d = 1). The DDE step is taken in ln t (t spans [0.002, 80]).
     """
 
     name = "edm"
+    dde_step = "log"
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_d: float = 0.5,
                  T_min: float = 0.002, T_max: float = 80.0):
@@ -239,10 +290,13 @@ class EDM(Transport):
 class VP(Transport):
     """Variance preserving: alpha = 1/sqrt(b^2 + 1), sigma = b/sqrt(b^2 + 1), b(t)^2 = exp(bd t^2/2 + bmin t) - 1.
 
-    Target the noise eps.
+    Target the noise eps. b = sigma / alpha is the noise level; the network sees ln(b) / 4 (EDM's choice for
+    its own noise level) instead of the paper's 999 t, and the DDE step is taken in ln t, where b is smooth
+    (b ~ sqrt(bmin t) near t = 0). docs/method.md sections 2.3 and 4.2.
     """
 
     name = "vp"
+    dde_step = "log"
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, T_min: float = 1e-5, sigma_d: float = 1.0):
         super().__init__(beta_d=beta_d, beta_min=beta_min, T_min=T_min, sigma_d=sigma_d)
@@ -268,7 +322,10 @@ class VP(Transport):
         return self.T_min + (self.T_max - self.T_min) * u
 
     def c_noise(self, t):
-        return 999 * t
+        # ln(b) / 4 with b^2 = expm1(u): in [-1.73, 1.26] over [1e-5, 1]. The paper's 999 t moves the time
+        # embedding by ~5 radians over one DDE step and the central difference stops estimating dF/dt.
+        u = 0.5 * self.beta_d * t * t + self.beta_min * t
+        return torch.log(torch.expm1(u)) / 8
 
     def _transition(self, x_t, F, t, r):
         bt, _ = self._b(t)
@@ -283,9 +340,11 @@ class VP(Transport):
 
 
 class VE(Transport):
-    """Variance exploding: alpha = 1, sigma = t, target -eps."""
+    """Variance exploding: alpha = 1, sigma = t, target -eps. The DDE step is taken in ln t (t spans
+    [0.02, 100])."""
 
     name = "ve"
+    dde_step = "log"
 
     def __init__(self, T_min: float = 0.02, T_max: float = 100.0, sigma_d: float = 1.0):
         super().__init__(T_min=T_min, T_max=T_max, sigma_d=sigma_d)

@@ -1,4 +1,5 @@
-"""Each path's closed forms against the general transition and identity of spec section 2, in float64."""
+"""Each path's closed forms against the general transition and identity (docs/method.md sections 2-3), in
+float64; the endpoint solve, the data-space map, the OT-FM-equivalent time and the DDE times."""
 
 import math
 
@@ -144,3 +145,61 @@ def test_prior_scale():
     assert get_transport("ot_fm").prior_scale() == 1.0
     assert math.isclose(get_transport("ve").prior_scale(), 100.0)
     assert math.isclose(get_transport("trigflow").prior_scale(), 1.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=IDS)
+def test_predict_endpoints_inverts_the_path_and_to_data_returns_x(name, params):
+    """[x_t; h_t] -> (x, eps) exactly, and (x_r - sigma(r) eps) / alpha(r) = x at every r."""
+    T = get_transport(name, **params)
+    t, r = random_times(T)
+    g = torch.Generator().manual_seed(5)
+    x, eps = torch.randn(2, len(t), 3, generator=g, dtype=torch.float64)
+    x_hat, eps_hat = T.predict_endpoints(T.path(x, eps, t), T.diffusion_target(x, eps, t), t)
+    assert torch.allclose(x_hat, x, rtol=1e-9, atol=1e-9) and torch.allclose(eps_hat, eps, rtol=1e-9, atol=1e-9)
+    for time in (r, torch.full_like(t, T.T_min)):
+        assert torch.allclose(T.to_data(T.path(x, eps, time), time, eps), x, rtol=1e-9, atol=1e-9)
+
+
+def _vp_b(t):
+    return torch.sqrt(torch.expm1(0.5 * 19.9 * t * t + 0.1 * t))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("ot_fm", lambda t: t),
+    ("trigflow", lambda t: torch.sin(t) / (torch.sin(t) + torch.cos(t))),
+    ("edm", lambda t: t / (1 + t)),  # sigma / alpha = t for EDM and VE
+    ("vp", lambda t: _vp_b(t) / (1 + _vp_b(t))),
+    ("ve", lambda t: t / (1 + t)),
+])
+def test_ot_time_is_the_ot_fm_time_with_the_same_noise_to_signal_ratio(name, expected):
+    T = get_transport(name)
+    t = torch.linspace(T.T_min, T.T_max, 257, dtype=torch.float64)
+    u = T.ot_time(t)
+    assert torch.allclose(u, expected(t), rtol=1e-12, atol=1e-12)
+    assert (u[1:] > u[:-1]).all() and u[0] >= 0 and u[-1] <= 1
+    if name == "ot_fm":
+        assert torch.equal(u, t)  # exactly t: the OT-FM weighting is unchanged
+
+
+@pytest.mark.parametrize("name,step", [("ot_fm", "linear"), ("trigflow", "linear"), ("edm", "log"), ("vp", "log"),
+                                       ("ve", "log")])
+def test_dde_times_step_in_t_or_ln_t_and_stay_inside(name, step):
+    T = get_transport(name)
+    assert T.dde_step == step
+    e = 0.005
+    t = torch.tensor([0.5 * (T.T_min + T.T_max), T.T_max, T.T_min + 1e-3], dtype=torch.float64)
+    r = torch.tensor([T.T_min, 0.5 * (T.T_min + T.T_max), T.T_min + 1e-3], dtype=torch.float64)
+    up, down = T.dde_times(t, r, e)
+    mid = t[0].item()
+    want = (mid + e, mid - e) if step == "linear" else (mid * math.exp(e), mid * math.exp(-e))
+    assert (up[0].item(), down[0].item()) == pytest.approx(want, rel=1e-12)
+    assert up[1] == T.T_max and down[1] < T.T_max  # clamped at T_max: one-sided
+    assert down[2] == r[2]                          # never below r
+
+
+def test_vp_network_time_is_smooth_over_a_dde_step():
+    """VP's c_noise moves little over one DDE step everywhere (the paper's 999 t moves ~5 per step)."""
+    T = get_transport("vp")
+    t = torch.linspace(T.T_min, 1.0, 1001, dtype=torch.float64)
+    up, down = T.dde_times(t, torch.full_like(t, T.T_min), 0.005)
+    assert (T.c_noise(up) - T.c_noise(down)).abs().max() < 0.05  # measured 0.025 (at t = 1)
