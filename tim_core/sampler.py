@@ -1,8 +1,10 @@
-"""Any-step sampling (spec section 5): one network, a float64 time grid from T_max to T_min, one transition per
-step, classifier-free guidance inside a time window, and an honest count of network evaluations (NFE)."""
+"""Any-step sampling (docs/method.md section 7): one network, a float64 time grid from T_max to T_min, one
+transition per step, classifier-free guidance inside a time window, an honest count of network evaluations (NFE),
+and a final map of the state at T_min to data space."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,23 +13,48 @@ from torch import Tensor, nn
 
 from .transports import Transport, get_transport
 
-__all__ = ["sample", "SampleResult", "time_grid"]
+__all__ = ["sample", "SampleResult", "time_grid", "GRIDS", "default_grid"]
+
+GRIDS = ("uniform", "karras", "log")
+KARRAS_RHO = 7.0
 
 
 @dataclass
 class SampleResult:
-    samples: Tensor                 # final states, shape and dtype of the noise
+    samples: Tensor                 # data-space samples, shape and dtype of the noise
     nfe: int                        # network evaluations per sample (a guided step counts 2)
     times: Tensor                   # the float64 grid t_0 = T_max > ... > t_N = T_min
-    trajectory: Tensor | None = None  # (steps + 1, *noise.shape) when asked
+    trajectory: Tensor | None = None  # (steps + 1, *noise.shape) path states at the grid times, when asked
 
 
-def time_grid(transport: Transport, steps: int) -> Tensor:
-    """Uniform float64 grid with steps + 1 points, exactly T_max first and T_min last."""
+def default_grid(transport: Transport) -> str:
+    """"karras" for the paths whose time is a noise level spanning decades (EDM, VE), else "uniform"."""
+    return "karras" if transport.name in ("edm", "ve") else "uniform"
+
+
+def time_grid(transport: Transport, steps: int, kind: str | None = None) -> Tensor:
+    """float64 grid of steps + 1 decreasing times, exactly T_max first and T_min last (docs/method.md 7.1).
+
+    kind: "uniform" in t; "karras" uniform in t^(1/7) (Karras et al. 2022, rho = 7); "log" uniform in ln t
+    (needs T_min > 0); None: ``default_grid(transport)``.
+    """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps (the number of transitions, NFE without guidance) must be an int >= 1; got {steps!r}")
-    grid = torch.linspace(transport.T_max, transport.T_min, steps + 1, dtype=torch.float64)
-    grid[0], grid[-1] = transport.T_max, transport.T_min
+    kind = default_grid(transport) if kind is None else kind
+    if kind not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}; got {kind!r}")
+    hi, lo = float(transport.T_max), float(transport.T_min)
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if kind == "uniform":
+        grid = torch.linspace(hi, lo, steps + 1, dtype=torch.float64)
+    elif kind == "karras":
+        a, b = hi ** (1 / KARRAS_RHO), lo ** (1 / KARRAS_RHO)
+        grid = (a + u * (b - a)) ** KARRAS_RHO
+    else:
+        if lo <= 0:
+            raise ValueError(f"grid 'log' needs T_min > 0; transport {transport.name!r} has T_min = {lo}")
+        grid = torch.exp(math.log(hi) + u * (math.log(lo) - math.log(hi)))
+    grid[0], grid[-1] = hi, lo
     return grid
 
 
@@ -35,7 +62,8 @@ def time_grid(transport: Transport, steps: int) -> Tensor:
 def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, transport: Transport | None = None,
            cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), stochasticity: float = 0.0,
            mode: Literal["transition", "diffusion"] = "transition", return_trajectory: bool = False,
-           null_label: int | None = None, generator: torch.Generator | None = None) -> SampleResult:
+           null_label: int | None = None, generator: torch.Generator | None = None,
+           grid: str | None = None) -> SampleResult:
     """Generate from standard-normal ``noise`` in ``steps`` transitions.
 
     Args:
@@ -49,6 +77,11 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, transpor
         stochasticity: rho of the OT-FM stochastic step (never on the first or last step); 0 = deterministic.
         mode: "transition" uses F(x, t_i, t_{i+1}); "diffusion" uses F(x, t_i, t_i) with the same update.
         generator: for the stochastic noise.
+        grid: the time grid, "uniform", "karras" or "log"; None = ``default_grid(transport)`` ("karras" for
+            EDM and VE).
+
+    The returned samples are in data space: the state at T_min is mapped back with the last step's noise
+    estimate, x = (x_Tmin - sigma(T_min) eps_hat) / alpha(T_min) (docs/method.md section 7.5).
     """
     transport = transport or get_transport("ot_fm")
     if mode not in ("transition", "diffusion"):
@@ -68,13 +101,13 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, transpor
         if null_label is None:
             raise ValueError("cfg_scale != 1 needs null_label (or a model with a num_classes attribute)")
 
-    grid = time_grid(transport, steps)
+    times = time_grid(transport, steps, grid)
     net_dtype = next(model.parameters(), noise).dtype  # run the net in its own dtype, keep the state in noise's
     x = noise * transport.prior_scale()
     trajectory = [x] if return_trajectory else None
     nfe = 0
     for i in range(steps):
-        t, r = grid[i], grid[i + 1]
+        t, r = times[i], times[i + 1]
         r_net = t if mode == "diffusion" else r
         c_t, c_r = transport.c_noise(t).float(), transport.c_noise(r_net).float()
         x_in = x.to(net_dtype)
@@ -88,13 +121,16 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, transpor
             nfe += 1
         F = F.to(x.dtype)
         x_r = transport.transition(x, F, t.to(x.dtype), r.to(x.dtype))
+        if i == steps - 1:  # the noise estimate that maps the final state to data
+            _, eps_hat = transport.predict_endpoints(x, F, t.to(x.dtype))
         if stochasticity > 0 and 0 < i < steps - 1:
             dt = float(t - r)
-            eps_hat = x + (1 - float(t)) * F
+            noise_hat = x + (1 - float(t)) * F
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x_r = x_r - stochasticity * eps_hat * dt + (2 * stochasticity * float(t) * dt) ** 0.5 * z
+            x_r = x_r - stochasticity * noise_hat * dt + (2 * stochasticity * float(t) * dt) ** 0.5 * z
         x = x_r
         if trajectory is not None:
             trajectory.append(x)
-    return SampleResult(samples=x, nfe=nfe, times=grid,
+    samples = transport.to_data(x, times[-1].to(x.dtype), eps_hat)
+    return SampleResult(samples=samples, nfe=nfe, times=times,
                         trajectory=torch.stack(trajectory) if trajectory is not None else None)

@@ -1,9 +1,12 @@
-"""Sampler contract: grid endpoints, identity at zero interval, guidance window and NFE, seeds, shape, dtype."""
+"""Sampler contract: grids, guidance window and NFE, seeds, shape, dtype, and data-space samples on every path."""
+
+import math
 
 import pytest
 import torch
 
 from tim_core import TRANSPORTS, get_transport, sample, time_grid
+from tim_core.sampler import default_grid
 
 from .toy import ToyNet
 
@@ -93,3 +96,69 @@ def test_bad_input_names_the_argument():
         sample(net, noise, labels, steps=2, stochasticity=0.1, transport=get_transport("vp"))
     with pytest.raises(ValueError, match="cfg_interval"):
         sample(net, noise, labels, steps=2, cfg_interval=(0.6, 0.2))
+
+
+class PointMassOracle(torch.nn.Module):
+    """The exact F for data that is the single point x0: F = ah x0 + sh eps with eps = (x_t - alpha x0) / sigma.
+
+    The sampler hands the network c_noise(t) in float32; the oracle knows the grid and takes the grid time
+    with that network time, so it evaluates at exactly the sampler's float64 t.
+    """
+
+    num_classes = 1
+
+    def __init__(self, transport, x0, times):
+        super().__init__()
+        self.T, self.x0, self.times = transport, x0, times
+
+    def forward(self, x, c_t, c_r, labels):
+        t = self.times[(self.T.c_noise(self.times).float() - c_t).abs().argmin()]
+        a, s, _, _ = self.T.interpolant(t)
+        ah, sh = self.T.target_coefficients(t)
+        return ah * self.x0 + sh * (x - a * self.x0) / s
+
+
+@pytest.mark.parametrize("name", list(TRANSPORTS))
+@pytest.mark.parametrize("grid", [None, "uniform"])
+def test_every_path_returns_the_data_point_with_the_exact_network(name, grid):
+    """Point-mass data: with the exact F every step count lands on the point, in data space (not at T_min's
+    state, which is 2x the data for EDM at sigma_d = 0.5 and carries sigma(T_min) eps for VP and VE)."""
+    T = get_transport(name)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    labels = torch.zeros(64, dtype=torch.long)
+    for steps in (1, 2, 5, 17):
+        oracle = PointMassOracle(T, x0, time_grid(T, steps, grid))
+        out = sample(oracle, noise, labels, steps, transport=T, grid=grid).samples
+        err = (out - x0).abs().max().item()
+        assert err < 1e-6, f"{name} {steps} steps: max error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(TRANSPORTS))
+@pytest.mark.parametrize("kind", ["uniform", "karras", "log"])
+def test_every_grid_has_exact_endpoints_and_decreases_for_every_step_count(name, kind):
+    T = get_transport(name)
+    if kind == "log" and T.T_min <= 0:
+        with pytest.raises(ValueError, match="grid 'log' needs T_min > 0"):
+            time_grid(T, 4, kind)
+        return
+    for steps in range(1, 129):
+        g = time_grid(T, steps, kind)
+        assert g.dtype == torch.float64 and len(g) == steps + 1
+        assert g[0].item() == T.T_max and g[-1].item() == T.T_min
+        assert (g[:-1] - g[1:] > 0).all()
+
+
+def test_noise_level_grids_follow_their_closed_forms_and_are_the_edm_ve_default():
+    T = get_transport("edm")
+    i = torch.arange(9, dtype=torch.float64) / 8
+    karras = (80 ** (1 / 7) + i * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert torch.allclose(time_grid(T, 8, "karras"), karras, rtol=1e-12)
+    assert torch.allclose(time_grid(T, 8, "log"), torch.exp(math.log(80) + i * math.log(0.002 / 80)), rtol=1e-12)
+    assert [default_grid(get_transport(n)) for n in TRANSPORTS] == ["uniform", "uniform", "karras", "uniform",
+                                                                    "karras"]
+    assert torch.equal(time_grid(T, 8), time_grid(T, 8, "karras")) and torch.equal(time_grid(get_transport("ve"), 3),
+                                                                time_grid(get_transport("ve"), 3, "karras"))
+    with pytest.raises(ValueError, match="grid must be one of uniform, karras, log"):
+        time_grid(T, 2, "cosine")
