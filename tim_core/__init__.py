@@ -2,13 +2,13 @@
 
 from .ema import EMA
 from .io import load_pretrained, save_pretrained
-from .model import PRESETS, TiM, build_model
+from .model import PRESETS, TiM, TiMConfig, build_model
 from .objective import OBJECTIVES, FlowMatchingLoss, MeanFlowLoss, TransitionLoss, build_objective
-from .sampler import SampleResult, sample, time_grid
+from .sampler import GRIDS, SampleResult, default_grid, sample, time_grid
 from .transports import TRANSPORTS, Transport, get_transport
 
 __all__ = [
-    "EMA", "load_pretrained", "save_pretrained", "PRESETS", "TiM", "build_model", "OBJECTIVES",
+    "EMA", "load_pretrained", "save_pretrained", "PRESETS", "TiM", "TiMConfig", "build_model", "OBJECTIVES",
     "FlowMatchingLoss", "MeanFlowLoss", "TransitionLoss", "build_objective", "SampleResult", "sample",
-    "time_grid", "TRANSPORTS", "Transport", "get_transport",
+    "time_grid", "GRIDS", "default_grid", "TRANSPORTS", "Transport", "get_transport",
 ]

@@ -1,7 +1,7 @@
 """Exponential moving average of a model's weights, with a warm-up so that its horizon fits short runs.
 
 A fixed decay of 0.999 over a ~1,500-step CPU run averages in the first, noisy weights and samples noise
-(spec section 3); with warm-up the decay at update n is min(decay, (1 + n) / (10 + n)).
+(docs/method.md section 9); with warm-up the decay at update n is min(decay, (1 + n) / (10 + n)).
 """
 
 from __future__ import annotations

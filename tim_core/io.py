@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model import TiM, build_model
+from .model import TiM, TiMConfig
 from .transports import Transport, get_transport
 
 __all__ = ["save_pretrained", "load_pretrained"]
@@ -44,13 +44,18 @@ def save_pretrained(model: TiM, directory: str | os.PathLike, transport: Transpo
 
 
 def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[TiM, Transport]:
-    """Rebuild the network and its path from a directory written by ``save_pretrained``; eval mode."""
+    """Rebuild the network and its path from a directory written by ``save_pretrained``; eval mode.
+
+    Older directories load too: their config's REPA keys and the weights of that removed, unused head
+    (``projector.*``) are dropped.
+    """
     directory = Path(directory)
     for name in (WEIGHTS, CONFIG):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} is missing: not a saved TiM model directory")
     config = json.loads((directory / CONFIG).read_text())
-    model = build_model(**config["model"])
-    model.load_state_dict(load_file(str(directory / WEIGHTS), device="cpu"))
+    model = TiM(TiMConfig.from_dict(config["model"]))
+    weights = load_file(str(directory / WEIGHTS), device="cpu")
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("projector.")})
     transport = get_transport(**config["transport"])
     return model.to(device).eval(), transport

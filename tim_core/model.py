@@ -1,22 +1,90 @@
-"""The TiM network (spec section 4): a DiT-style transformer over patches, conditioned on t, the interval t - r
-and the class label.
+"""The TiM network (docs/method.md section 8): a DiT-style transformer over patches, conditioned on t, the
+interval t - r and the class label.
 
 What differs from DiT: decoupled embeddings for the time and for the interval, interval-aware attention
 (qkv = W z + W_d E_dt), 2D rotary positions instead of learned absolute ones, qk-norm, SwiGLU MLPs and a
 low-rank SwiGLU adaLN whose output layer starts at zero (so an untrained network outputs exactly 0).
 The network knows nothing about paths: it sees ``c_noise(t)`` and ``c_noise(r)`` as numbers.
+``TiMConfig`` is the one place the network's arguments are defined; ``model.config`` is its JSON form, the
+"model" entry of a saved ``config.json``.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-__all__ = ["TiM", "build_model", "PRESETS", "rope_positions"]
+__all__ = ["TiM", "TiMConfig", "build_model", "PRESETS", "rope_positions"]
+
+# Keys of config.json files written before the REPA projector head was removed; dropped when read.
+LEGACY_KEYS = ("repa_dim", "repa_depth", "repa_hidden")
+
+
+@dataclass(frozen=True)
+class TiMConfig:
+    """The network's arguments.
+
+    Args:
+        input_size: int or (H, W); any size divisible by patch_size (no learned absolute positions).
+        in_channels, patch_size, hidden_size, depth, num_heads: the transformer's shape.
+        num_classes: label count; id ``num_classes`` is the null class used for guidance.
+        adaln_rank: rank of the low-rank SwiGLU adaLN.
+        interval_embedding: add the interval embedder E_dt(c_noise(t) - c_noise(r)) (off = ablation).
+        interval_attention: add W_d E_dt to q, k, v in every block (needs interval_embedding).
+        qk_norm: RMSNorm on q and k per head.
+    """
+
+    input_size: int | tuple[int, int] = 28
+    in_channels: int = 1
+    patch_size: int = 4
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    num_classes: int = 10
+    adaln_rank: int = 64
+    interval_embedding: bool = True
+    interval_attention: bool = True
+    qk_norm: bool = True
+
+    def __post_init__(self):
+        size = self.input_size
+        H, W = (size, size) if isinstance(size, int) else tuple(size)
+        object.__setattr__(self, "input_size", (int(H), int(W)))
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"input_size {H}x{W} must be divisible by patch_size {self.patch_size}")
+        if self.interval_attention and not self.interval_embedding:
+            raise ValueError("interval_attention needs interval_embedding (it projects the interval embedding)")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} / num_heads {self.num_heads} must give a head size "
+                             "divisible by 4 (2D RoPE splits it into row and column pairs)")
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TiMConfig:
+        """Build from keyword values (a preset with overrides, or a saved config), naming any unknown key.
+
+        The keys of the removed REPA head (repa_dim, repa_depth, repa_hidden) in older config.json files are
+        ignored.
+        """
+        values = {k: v for k, v in values.items() if k not in LEGACY_KEYS}
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise ValueError(f"bad model override (unknown {', '.join(unknown)}); allowed: {', '.join(cls.fields())}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: what ``save_pretrained`` writes as "model" and ``build_model(**...)`` reads back."""
+        d = dataclasses.asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
 
 
 class SwiGLU(nn.Module):
@@ -70,12 +138,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def qk_normalize(norm: nn.Module, x: Tensor) -> Tensor:
+    """Apply the per-head qk-norm in at least float32 (as the rotation), also under autocast or bf16 weights."""
+    if not isinstance(norm, nn.RMSNorm):
+        return norm(x)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    weight = norm.weight.to(wide) if norm.weight is not None else None
+    return Fn.rms_norm(x.to(wide), norm.normalized_shape, weight, norm.eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, interval_attention: bool, qk_norm: bool):
         super().__init__()
-        if dim % num_heads or (dim // num_heads) % 4:
-            raise ValueError(f"hidden_size {dim} / num_heads {num_heads} must give a head size divisible by 4 "
-                             "(2D RoPE splits it into row and column pairs)")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.qkv_interval = nn.Linear(dim, 3 * dim, bias=False) if interval_attention else None
@@ -89,7 +163,7 @@ class Attention(nn.Module):
         if self.qkv_interval is not None:
             qkv = qkv + self.qkv_interval(e_dt)[:, None]
         q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k = apply_rope(qk_normalize(self.q_norm, q), cos, sin), apply_rope(qk_normalize(self.k_norm, k), cos, sin)
         out = Fn.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -118,51 +192,35 @@ class Block(nn.Module):
 class TiM(nn.Module):
     """Transition Model network: ``F = net(x_t, c_noise(t), c_noise(r), labels)``.
 
-    Args:
-        input_size: int or (H, W); any size divisible by patch_size (no learned absolute positions).
-        in_channels, patch_size, hidden_size, depth, num_heads: the transformer's shape.
-        num_classes: label count; id ``num_classes`` is the null class used for guidance.
-        adaln_rank: rank of the low-rank SwiGLU adaLN.
-        interval_embedding: add the interval embedder E_dt(c_noise(t) - c_noise(r)) (off = ablation).
-        interval_attention: add W_d E_dt to q, k, v in every block (needs interval_embedding).
-        qk_norm: RMSNorm on q and k per head.
-        repa_dim: if set, a projector head maps block ``repa_depth``'s tokens to features of this size for REPA.
+    Built from a ``TiMConfig``, or from its fields as keywords: ``TiM(cfg)`` or ``TiM(hidden_size=64, ...)``.
+    ``model.cfg`` is the config; ``model.config`` its JSON-ready dict.
     """
 
-    def __init__(self, input_size: int | tuple[int, int] = 28, in_channels: int = 1, patch_size: int = 4,
-                 hidden_size: int = 128, depth: int = 4, num_heads: int = 4, num_classes: int = 10,
-                 adaln_rank: int = 64, interval_embedding: bool = True, interval_attention: bool = True,
-                 qk_norm: bool = True, repa_dim: int | None = None, repa_depth: int = 4,
-                 repa_hidden: int = 2048):
+    def __init__(self, cfg: TiMConfig | None = None, **kwargs):
         super().__init__()
-        H, W = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"input_size {H}x{W} must be divisible by patch_size {patch_size}")
-        if interval_attention and not interval_embedding:
-            raise ValueError("interval_attention needs interval_embedding (it projects the interval embedding)")
-        if repa_dim is not None and not 1 <= repa_depth <= depth:
-            raise ValueError(f"repa_depth must lie in [1, depth={depth}]; got {repa_depth}")
-        self.config = dict(input_size=[H, W], in_channels=in_channels, patch_size=patch_size,
-                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
-                           adaln_rank=adaln_rank, interval_embedding=interval_embedding,
-                           interval_attention=interval_attention, qk_norm=qk_norm, repa_dim=repa_dim,
-                           repa_depth=repa_depth, repa_hidden=repa_hidden)
-        self.input_size, self.in_channels, self.patch_size = (H, W), in_channels, patch_size
-        self.num_classes, self.repa_depth = num_classes, repa_depth
-        D = hidden_size
-        self.patch_embed = nn.Conv2d(in_channels, D, patch_size, stride=patch_size)
+        if cfg is not None and kwargs:
+            raise ValueError("give TiM either a TiMConfig or keyword arguments, not both")
+        cfg = cfg if cfg is not None else TiMConfig.from_dict(kwargs)
+        self.cfg = cfg
+        (H, W), p, D = cfg.input_size, cfg.patch_size, cfg.hidden_size
+        self.input_size, self.in_channels, self.patch_size = (H, W), cfg.in_channels, p
+        self.num_classes = cfg.num_classes
+        self.patch_embed = nn.Conv2d(cfg.in_channels, D, p, stride=p)
         self.t_embedder = TimeEmbedder(D)
-        self.dt_embedder = TimeEmbedder(D) if interval_embedding else None
-        self.label_embedder = nn.Embedding(num_classes + 1, D)
-        self.blocks = nn.ModuleList(Block(D, num_heads, adaln_rank, interval_attention, qk_norm)
-                                    for _ in range(depth))
+        self.dt_embedder = TimeEmbedder(D) if cfg.interval_embedding else None
+        self.label_embedder = nn.Embedding(cfg.num_classes + 1, D)
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.adaln_rank, cfg.interval_attention, cfg.qk_norm)
+                                    for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_adaln = SwiGLU(D, D // 2, 2 * D)
-        self.final_linear = nn.Linear(D, patch_size * patch_size * in_channels)
-        self.projector = (nn.Sequential(nn.Linear(D, repa_hidden), nn.SiLU(), nn.Linear(repa_hidden, repa_hidden),
-                                        nn.SiLU(), nn.Linear(repa_hidden, repa_dim)) if repa_dim else None)
-        self.head_dim = D // num_heads
+        self.final_linear = nn.Linear(D, p * p * cfg.in_channels)
+        self.head_dim = D // cfg.num_heads
         self.reset_parameters()
+
+    @property
+    def config(self) -> dict:
+        """The config as a JSON-ready dict: ``build_model(**model.config)`` rebuilds the architecture."""
+        return self.cfg.to_dict()
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -188,7 +246,7 @@ class TiM(nn.Module):
     def rope(self, h: int, w: int, device) -> tuple[Tensor, Tensor]:
         return rope_angles(rope_positions(h, w, device), self.head_dim)
 
-    def forward(self, x: Tensor, t: Tensor, r: Tensor, labels: Tensor, return_repa: bool = False):
+    def forward(self, x: Tensor, t: Tensor, r: Tensor, labels: Tensor) -> Tensor:
         """x: (B, C, H, W); t, r: c_noise values, (B,) or scalars; labels: (B,) ints, num_classes = null."""
         B, C, H, W = x.shape
         if C != self.in_channels or H % self.patch_size or W % self.patch_size:
@@ -203,15 +261,12 @@ class TiM(nn.Module):
             e_dt = self.dt_embedder(t - r)
             c = c + e_dt
         cos, sin = self.rope(h, w, x.device)
-        repa = None
-        for i, block in enumerate(self.blocks, start=1):
+        for block in self.blocks:
             z = block(z, c, e_dt, cos, sin)
-            if self.projector is not None and i == self.repa_depth:
-                repa = self.projector(z)
         shift, scale = self.final_adaln(c).chunk(2, dim=-1)
         out = self.final_linear(modulate(self.final_norm(z), shift, scale))  # (B, h*w, p*p*C)
         out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
-        return (out, repa) if return_repa else out
+        return out
 
 
 # Network sizes by name. tiny/small are this project's CPU sizes for 28x28x1 digits; B/4 and XL/2 are the
@@ -231,15 +286,12 @@ PRESETS: dict[str, dict] = {
 
 
 def build_model(preset: str | None = None, **overrides) -> TiM:
-    """Build a TiM from a preset name (tiny, small, B/4, XL/2) with keyword overrides.
+    """Build a TiM from a preset name (tiny, small, B/4, XL/2) with keyword overrides (``TiMConfig`` fields).
 
     ``build_model(**model.config)`` rebuilds a model from its saved config (no preset needed).
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset name {preset!r}; allowed: {', '.join(PRESETS)}")
-    kwargs = {**(PRESETS[preset] if preset else {}), **overrides}
-    try:
-        return TiM(**kwargs)
-    except TypeError as e:
-        allowed = ", ".join(list(inspect.signature(TiM).parameters))
-        raise ValueError(f"bad model override ({e}); allowed: {allowed}") from None
+    if overrides.get("repa_dim") is not None:
+        raise ValueError("repa_dim: the REPA projector head was removed (no loss used it)")
+    return TiM(TiMConfig.from_dict({**(PRESETS[preset] if preset else {}), **overrides}))

@@ -1,10 +1,15 @@
-"""The network: shapes, 2D RoPE order on non-square grids, zero init, the interval embedding, sizes, IO."""
+"""The network: shapes, 2D RoPE order on non-square grids, zero init, the interval embedding, sizes, the config,
+IO (including config.json files written before the REPA head was removed), EMA."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from tim_core import EMA, build_model, get_transport, load_pretrained, save_pretrained
-from tim_core.model import apply_rope, rope_angles, rope_positions
+from tim_core import EMA, TiM, build_model, get_transport, load_pretrained, save_pretrained
+from tim_core.model import PRESETS, TiMConfig, apply_rope, rope_angles, rope_positions
 
 SMALL = dict(hidden_size=32, depth=2, num_heads=2, adaln_rank=8, patch_size=4)
 
@@ -80,13 +85,45 @@ def test_paper_sizes_within_two_percent(preset, target):
     assert abs(n - target) / target < 0.02, f"{preset}: {n / 1e6:.1f}M"
 
 
-def test_null_class_and_repa_head():
-    net = build_model("tiny", num_classes=7, repa_dim=12, repa_depth=1, repa_hidden=16, **SMALL)
+def test_null_class_row_and_no_repa_head():
+    net = build_model("tiny", num_classes=7, **SMALL)
     assert net.label_embedder.num_embeddings == 8
-    out, feats = net(torch.randn(2, 1, 28, 28), torch.rand(2), torch.zeros(2), torch.tensor([0, 7]),
-                     return_repa=True)
-    assert feats.shape == (2, 49, 12)
-    assert build_model("tiny").projector is None
+    assert not any(name.startswith("projector") for name in net.state_dict())
+    with pytest.raises(ValueError, match="REPA projector head was removed"):
+        build_model("tiny", repa_dim=12)
+
+
+# The "model" keys of config.json as written before TiMConfig (the REPA keys are no longer written).
+SAVED_KEYS = ["input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes",
+              "adaln_rank", "interval_embedding", "interval_attention", "qk_norm"]
+
+
+def test_config_is_the_one_definition_of_the_network_arguments():
+    assert TiMConfig.fields() == SAVED_KEYS
+    net = build_model("tiny", **SMALL)
+    assert isinstance(net.cfg, TiMConfig) and list(net.config) == SAVED_KEYS
+    assert net.config["input_size"] == [28, 28] and json.loads(json.dumps(net.config)) == net.config
+    assert build_model(**net.config).cfg == net.cfg == TiMConfig(**{**PRESETS["tiny"], **SMALL})
+    assert TiM(net.cfg).cfg == TiM(**net.config).cfg
+    assert dataclasses.replace(net.cfg, depth=3).depth == 3
+    with pytest.raises(ValueError, match="either a TiMConfig or keyword arguments"):
+        TiM(net.cfg, depth=3)
+
+
+def test_config_json_written_before_the_config_class_still_loads(tmp_path):
+    """An older model folder: REPA keys in config.json and projector weights in the safetensors file."""
+    net = randomize(build_model("tiny", **SMALL))
+    folder = save_pretrained(net, tmp_path / "old", get_transport())
+    config = json.loads((folder / "config.json").read_text())
+    assert list(config["model"]) == SAVED_KEYS
+    config["model"].update(repa_dim=12, repa_depth=1, repa_hidden=16)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["projector.0.weight"] = torch.zeros(16, SMALL["hidden_size"])
+    save_file(weights, str(folder / "model.safetensors"))
+    loaded, _ = load_pretrained(folder)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([3, 4])
+    assert loaded.cfg == net.cfg and torch.equal(loaded(x, t, t / 2, y), net.eval()(x, t, t / 2, y))
 
 
 def test_bad_model_arguments():
