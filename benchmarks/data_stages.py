@@ -29,7 +29,7 @@ def timed(fn, *args):
 def read_rate(shard_dir: Path, workers: int, batch_size: int, images: int) -> float:
     """Steady-state images/s: cycle the train split (repeat=True) and start the clock after the first
     batch, so DataLoader worker start-up is not counted."""
-    from components.shards import make_loader
+    from components.data.reader import make_loader
 
     loader = iter(make_loader(shard_dir, "train", batch_size, num_workers=workers, verify=False, repeat=True))
     next(loader)
@@ -47,15 +47,20 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-    from components import prepare, shard, validate
-    from components.shards import verify_shards
+    from components.common.params import ParamsSource
+    from components.data import prepare, shard, validate
+    from components.data.reader import verify_shards
+
+    src = ParamsSource(Path(args.params))
 
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        _, t_prepare = timed(prepare.run, args.params, data / "prepared")
-        _, t_validate = timed(validate.run, args.params, data / "prepared", data / "validated")
-        _, t_shard = timed(shard.run, args.params, data / "prepared", data / "validated", data / "shards")
+        _, t_prepare = timed(prepare.prepare, src.load("prepare", prepare.PrepareParams), data / "prepared")
+        _, t_validate = timed(validate.validate, src.load("validate", validate.ValidateParams), data / "prepared",
+                              data / "validated")
+        _, t_shard = timed(shard.shard, src.load("shard", shard.ShardParams), data / "prepared", data / "validated",
+                           data / "shards")
         _, t_verify = timed(verify_shards, data / "shards")
         total = t_prepare + t_validate + t_shard
         rows += [

@@ -34,8 +34,8 @@ OBJECTIVES = {"TiM (DDE)": ("tim", {"derivative": "dde"}), "flow matching": ("fm
 
 def cpu_params(**overrides):
     """params.yaml's train section under the cpu profile (the model and batch that `tim train` uses here)."""
-    from components.params import deep_merge, read_params, resolve_profile
-    from components.train_params import TrainParams
+    from components.common.params import deep_merge, read_params, resolve_profile
+    from components.train.settings import TrainParams
 
     section = dict(read_params(REPO / "params.yaml")["train"], profile="cpu")
     return TrainParams.model_validate(deep_merge(resolve_profile(section, "train"), overrides))
@@ -111,7 +111,7 @@ def objective_table(steps: int, threads: int) -> dict[str, tuple[float, float, f
 
 
 def build_shards(root: Path) -> Path:
-    from components import prepare, shard, validate
+    from components.data import prepare, shard, validate
 
     prepare.prepare(prepare.PrepareParams(limit=1000), root / "prepared")
     validate.validate(validate.ValidateParams(), root / "prepared", root / "validated")
@@ -123,7 +123,7 @@ def ray_throughput(shards: Path, workers: int, threads: int, steps: int, root: P
     """images/s of `train` over the windows after the first (which holds start-up and warm-up)."""
     from mlflow import MlflowClient
 
-    from components.train import train
+    from components.train.stage import train
 
     params = cpu_params(
         distributed={"num_workers": workers, "cpus_per_worker": threads, "zero_stage": 2, "max_failures": 0},

@@ -18,7 +18,7 @@ from tests.services import mlflow_on_postgres, postgres_available  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """prepare -> validate -> shard on 200 MNIST digits (the real stages), once per session; the data folder."""
-    from components import prepare, shard, validate
+    from components.data import prepare, shard, validate
 
     root = tmp_path_factory.mktemp("tiny-data")
     prepare.prepare(prepare.PrepareParams(limit=200), root / "prepared")

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from components.errors import ParamsError
-from components.params import load_section
-from components.prepare import PrepareParams
-from components.shard import ShardParams
-from components.validate import ValidateParams
+from components.common.errors import ParamsError
+from components.common.params import load_section
+from components.data.prepare import PrepareParams
+from components.data.shard import ShardParams
+from components.data.validate import ValidateParams
 
 from .helpers import REPO, env_with_venv, write_params
 

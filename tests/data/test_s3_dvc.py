@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import prepare
-from components.errors import DataError
-from components.prepare import PrepareParams, S3Params
+from components.common.errors import DataError
+from components.data import prepare
+from components.data.prepare import PrepareParams, S3Params
 
 from .helpers import REPO, env_with_venv, leftovers, make_image_folder
 
@@ -92,11 +92,18 @@ def test_dvc_repro_and_s3_remote(aws_env, tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_COMMITTER_NAME", "t")
     monkeypatch.setenv("GIT_COMMITTER_EMAIL", "t@example.com")
     repo = tmp_path / "repo"
-    (repo / "components").mkdir(parents=True)
+    repo.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, repo / name)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage in ("prepare", "validate", "shard"):  # the stages' declared code deps
-        shutil.copy(REPO / "components" / f"{stage}.py", repo / "components")
+        for dep in stages[stage]["deps"]:
+            source = REPO / dep
+            if source.is_dir() and not (repo / dep).exists():
+                shutil.copytree(source, repo / dep, ignore=shutil.ignore_patterns("__pycache__"))
+            elif source.is_file():
+                (repo / dep).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, repo / dep)
         set_param(repo, stage, "profile", "cpu-tiny")
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from components.errors import ShardError
-from components.shards import ShardDataset, make_loader, read_index, verify_shards
+from components.common.errors import ShardError
+from components.data.reader import ShardDataset, make_loader, read_index, verify_shards
 
 
 def image_sha(image: torch.Tensor) -> str:

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import prepare, shard, validate
-from components.errors import DataError
-from components.prepare import MANIFEST_COLUMNS, PrepareParams
+from components.common.errors import DataError
+from components.data import prepare, shard, validate
+from components.data.prepare import MANIFEST_COLUMNS, PrepareParams
 
 from .helpers import leftovers, make_image_folder
 

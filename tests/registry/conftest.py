@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import tim_core
-from components.register import register
-from components.registry import RegistryParams
+from components.common.tracking import Tracking
+from components.registry.client import RegistryParams
+from components.registry.register import register
 from tests.services import free_port  # noqa: F401  (used by the registry tests)
 
 SIZE = 8       # image side of the test models
@@ -48,8 +49,12 @@ class Store:
     root: Path
 
     def params(self, name: str, **overrides) -> RegistryParams:
-        base = {"model_name": name, "tracking_uri": self.uri, "lock": {"settle_s": 0.5, "wait_s": 60}}
+        base = {"model_name": name, "lock": {"settle_s": 0.5, "wait_s": 60}}
         return RegistryParams.model_validate({**base, **overrides})
+
+    @property
+    def tracking(self) -> Tracking:
+        return Tracking(self.uri)
 
     def client(self):
         from mlflow import MlflowClient
@@ -78,7 +83,8 @@ class Store:
     def version(self, name: str, fid: dict[int, float], seed: int = 0, **metrics) -> str:
         """`tim register` of a fresh tiny model whose evaluation reports ``fid`` per NFE; the version."""
         folder = self.trained(seed, metrics_json(fid, **metrics))
-        return str(register(self.params(name), folder / "tim", folder / "train_run.json", None)["version"])
+        return str(register(self.params(name), folder / "tim", folder / "train_run.json", None,
+                            tracking=self.tracking)["version"])
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from components.promote import judge
-from components.registry import Evaluation, GateParams, RecommendParams, recommended_nfe
+from components.registry.client import Evaluation, GateParams, RecommendParams, recommended_nfe
+from components.registry.promote import judge
 from tests.registry.conftest import metrics_json
 
 

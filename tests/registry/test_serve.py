@@ -30,7 +30,8 @@ def champion(sqlite_store, tmp_path_factory):
     name = "tim-served"
     version = sqlite_store.version(name, GOOD)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["registry"].update(model_name=name, tracking_uri=sqlite_store.uri)
+    params["registry"]["model_name"] = name
+    params["mlflow"]["tracking_uri"] = sqlite_store.uri
     params["registry"]["lock"]["settle_s"] = 0.2
     path = tmp_path_factory.mktemp("cli") / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -47,23 +48,23 @@ def tim(*args, **kw) -> subprocess.CompletedProcess:
                           timeout=120, **kw)
 
 
-def test_tim_sample_uses_the_recommended_nfe(champion, tmp_path):
+def test_tim_generate_uses_the_recommended_nfe(champion, tmp_path):
     _, name, params = champion
-    res = tim("sample", "--params", params, "--model", f"models:/{name}@champion", "--label", "2",
+    res = tim("generate", "--params", params, "--model", f"models:/{name}@champion", "--label", "2",
               "--num-images", "3", "--out", tmp_path / "grid.png")
     assert res.returncode == 0, res.stderr
     assert "recommended NFE: 4" in res.stdout and "at NFE 4" in res.stdout
     assert Image.open(tmp_path / "grid.png").size == (3 * SIZE, SIZE)
 
 
-def test_cli_bad_input_exits_2(champion, tmp_path):
+def test_cli_bad_input_exits_2_and_an_unreachable_store_75(champion, tmp_path):
     _, name, params = champion
     unreachable = tmp_path / "params.yaml"
     config = yaml.safe_load(params.read_text())
-    config["registry"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
+    config["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
     unreachable.write_text(yaml.safe_dump(config))
     runs = {
-        "alias": [str(BIN / "tim"), "sample", "--params", str(params), "--model", f"models:/{name}@nowhere",
+        "alias": [str(BIN / "tim"), "generate", "--params", str(params), "--model", f"models:/{name}@nowhere",
                   "--label", "1", "--out", str(tmp_path / "x.png")],
         "registry": [str(BIN / "tim"), "rollback", "--params", str(unreachable), "--out", str(tmp_path / "r.json")],
     }
@@ -71,7 +72,7 @@ def test_cli_bad_input_exits_2(champion, tmp_path):
              for k, v in runs.items()}  # together: each pays the imports once, in parallel
     results = {k: (p.wait(timeout=120), p.stderr.read()) for k, p in procs.items()}
     assert results["alias"][0] == 2 and "error: models:/tim-served@nowhere" in results["alias"][1]
-    assert results["registry"][0] == 2 and "unreachable" in results["registry"][1]
+    assert results["registry"][0] == 75 and "unreachable" in results["registry"][1]  # retryable
     assert "Traceback" not in results["alias"][1] + results["registry"][1]
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "r.json").exists()
 

@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from components.errors import TimError
-from components.registry import connect
-from components.tracking import sqlite_file
+from components.common.errors import TimError
+from components.common.tracking import Tracking, sqlite_file
 
 
 def test_sqlite_uris_follow_sqlalchemy():
@@ -18,6 +17,6 @@ def test_sqlite_uris_follow_sqlalchemy():
 def test_relative_store_in_the_working_directory_connects(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TimError, match="no MLflow store at mlruns.db"):
-        connect("sqlite:///mlruns.db", timeout_s=5)
+        Tracking("sqlite:///mlruns.db").client(must_exist=True)
     MlflowClient(tracking_uri="sqlite:///mlruns.db").search_experiments()  # creates ./mlruns.db
-    assert connect("sqlite:///mlruns.db", timeout_s=5).search_registered_models() == []
+    assert Tracking("sqlite:///mlruns.db").client(must_exist=True).search_registered_models() == []

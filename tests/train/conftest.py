@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components.params import deep_merge, read_params, resolve_profile
-from components.train_params import TrainParams
+from components.common.params import deep_merge, read_params, resolve_profile
+from components.train.settings import TrainParams
 from tests.services import BIN, free_port  # noqa: F401  (used by the training tests)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def tiny_params(**overrides) -> TrainParams:
 @pytest.fixture(scope="session")
 def local_ray():
     """One in-process Ray for every training test (starting it costs ~5 s)."""
-    from components.train import start_local_ray
+    from components.train.stage import start_local_ray
 
     start_local_ray(num_cpus=2, object_store_mb=200)
     import ray

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from components.train import train
+from components.common.tracking import Tracking
+from components.train.stage import train
 
 from .conftest import tiny_params
 
@@ -48,8 +49,9 @@ def reference(local_ray, shards, tmp_path_factory):
 
 
 def test_zero2_run_trains_checkpoints_tracks_and_exports(reference):
-    import tim_core
     from mlflow import MlflowClient
+
+    import tim_core
 
     project, result = reference
     assert result.step == 6 and result.images == 6 * 16
@@ -110,10 +112,10 @@ def test_restart_resumes_from_checkpoint_into_the_same_run_on_a_postgres_server(
             with open(steps_seen, "a") as f:
                 f.write(f"{step}\n")
 
-    server = {"tracking_uri": mlflow_server}
-    first = train(tiny_params(schedule={"max_steps": 3}, mlflow=server), shards, tmp_path / "model",
+    server = Tracking(mlflow_server)
+    first = train(tiny_params(schedule={"max_steps": 3}), shards, tmp_path / "model", tracking=server,
                   project_dir=tmp_path, on_step=record)
-    second = train(tiny_params(mlflow=server), shards, tmp_path / "model", project_dir=tmp_path, on_step=record)
+    second = train(tiny_params(), shards, tmp_path / "model", tracking=server, project_dir=tmp_path, on_step=record)
 
     assert (first.step, second.step) == (3, 6)
     assert steps_seen.read_text().split() == ["1", "2", "3", "4", "5", "6"], "the restart did not begin at step 4"

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import yaml
 
-from components.errors import ParamsError, ShardError, TimError
-from components.tracking import Unreachable
-from components.train import train
+from components.common.errors import ParamsError, ShardError, TimError, Unreachable
+from components.common.tracking import Tracking
+from components.train.stage import train
 
 from .conftest import BIN, REPO, free_port, tiny_params
 
@@ -45,8 +45,8 @@ def test_more_readers_than_samples(shards, tmp_path):
 def test_unreachable_mlflow_server(shards, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(Unreachable, match="MLflow tracking server .* is unreachable"):
-        train(tiny_params(mlflow={"tracking_uri": url}, distributed={"probe_timeout_s": 2}), shards,
-              tmp_path / "model", project_dir=tmp_path)
+        train(tiny_params(), shards, tmp_path / "model", tracking=Tracking(url, probe_timeout_s=2),
+              project_dir=tmp_path)
     _nothing_written(tmp_path)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from components.tracking import flatten
+from components.common.tracking import flatten
 
 from .conftest import REPO, tiny_params
 
@@ -14,8 +14,8 @@ from .conftest import REPO, tiny_params
 def test_committed_profiles_validate(profile, tmp_path):
     import yaml
 
-    from components.params import load_section
-    from components.train_params import TrainParams
+    from components.common.params import load_section
+    from components.train.settings import TrainParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["profile"] = profile
@@ -49,7 +49,7 @@ def test_data_shape_keys_cannot_be_overridden():
 def test_identity_ignores_budgets_and_runtime_knobs_only():
     base = tiny_params()
     same = tiny_params(schedule={"max_steps": 99, "max_minutes": 3}, distributed={"max_failures": 2},
-                       mlflow={"tracking_uri": "http://example:5000"})
+                       mlflow={"log_system_metrics": False})
     assert base.identity("data-a") == same.identity("data-a")
     assert base.identity("data-a") != base.identity("data-b")
     assert base.identity("data-a") != tiny_params(optim={"base_lr": 5e-4}).identity("data-a")

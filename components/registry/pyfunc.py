@@ -1,0 +1,101 @@
+"""The registered TiM as an MLflow pyfunc: one row asks for images of one class at one step count.
+
+Logged as "model from code" (MLflow stores this file and runs it at load time), so it imports only tim_core,
+torch, numpy, pandas, PIL and mlflow, never the training stack; tim_core travels with the model as a code path.
+
+Input (pandas DataFrame; only ``label`` is required):
+  label (int), num_images (int, default 1), nfe (int: transitions per image, default the version's recommended
+  NFE), guidance_scale (float, default the scale the evaluation used), seed (int, default 0).
+Output: one row per image: request (input row), index (within the row), label, nfe (transitions used),
+  network_evals (honest NFE, doubled by guidance), seed, width, height, image (base64 PNG).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from PIL import Image
+
+import tim_core
+from tim_core.images import to_uint8
+
+MODEL_ARTIFACT = "tim_model"   # the artifact folder: model.safetensors + config.json (tim_core.save_pretrained)
+INPUT_COLUMNS = {"label": "long", "num_images": "long", "nfe": "long", "guidance_scale": "double", "seed": "long"}
+OUTPUT_COLUMNS = {"request": "long", "index": "long", "label": "long", "nfe": "long", "network_evals": "long",
+                  "seed": "long", "width": "long", "height": "long", "image": "string"}
+
+
+def to_png(image: np.ndarray) -> str:
+    """(C, H, W) floats in [-1, 1] -> base64 PNG (grayscale for one channel)."""
+    pixels = to_uint8(image)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _bad(message: str) -> MlflowException:
+    # INVALID_PARAMETER_VALUE makes `mlflow models serve` answer 400 with this message instead of 500.
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class TimImageModel(mlflow.pyfunc.PythonModel):
+    """Class-conditional image generation at any step count, from the version's EMA weights."""
+
+    def load_context(self, context) -> None:
+        self.model, self.transport = tim_core.load_pretrained(context.artifacts[MODEL_ARTIFACT])
+        config = context.model_config or {}
+        self.recommended_nfe = config.get("recommended_nfe")
+        self.guidance_scale = float(config.get("guidance_scale", 1.0))
+        self.max_images = int(config.get("max_images_per_request", 256))
+
+    def _requests(self, frame: pd.DataFrame) -> list[dict]:
+        unknown = set(frame.columns) - set(INPUT_COLUMNS)
+        if "label" not in frame.columns or unknown:
+            raise _bad(f"columns must include 'label' and be among {', '.join(INPUT_COLUMNS)}; "
+                       f"got {', '.join(map(str, frame.columns))}")
+        defaults = {"num_images": 1, "nfe": self.recommended_nfe, "guidance_scale": self.guidance_scale, "seed": 0}
+        rows = []
+        for i, row in enumerate(frame.to_dict("records")):
+            # A null cell (JSON null, NaN) means "use the default", like a missing column.
+            spec = {k: (row[k] if k in row and not pd.isna(row[k]) else v) for k, v in defaults.items()}
+            spec["label"] = row["label"]
+            if spec["nfe"] is None:
+                raise _bad(f"row {i}: no nfe given and this version has no recommended NFE (its evaluation "
+                           "had no finite score)")
+            label, n, nfe = int(spec["label"]), int(spec["num_images"]), int(spec["nfe"])
+            if not 0 <= label < self.model.num_classes:
+                raise _bad(f"row {i}: label {label} outside 0..{self.model.num_classes - 1}")
+            if n < 1 or nfe < 1 or spec["guidance_scale"] < 0:
+                raise _bad(f"row {i}: num_images and nfe must be >= 1 and guidance_scale >= 0; got {row}")
+            rows.append({"label": label, "num_images": n, "nfe": nfe, "seed": int(spec["seed"]),
+                         "guidance_scale": float(spec["guidance_scale"])})
+        total = sum(r["num_images"] for r in rows)
+        if total > self.max_images:
+            raise _bad(f"{total} images requested; at most {self.max_images} per request")
+        return rows
+
+    @torch.no_grad()
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        m = self.model
+        out = []
+        for request, spec in enumerate(self._requests(pd.DataFrame(model_input))):
+            noise = torch.randn(spec["num_images"], m.in_channels, *m.input_size,
+                                generator=torch.Generator().manual_seed(spec["seed"]))
+            labels = torch.full((spec["num_images"],), spec["label"], dtype=torch.long)
+            result = tim_core.sample(m, noise, labels, spec["nfe"], transport=self.transport,
+                                     cfg_scale=spec["guidance_scale"])
+            for index, image in enumerate(result.samples.float().numpy()):
+                out.append({"request": request, "index": index, "label": spec["label"], "nfe": spec["nfe"],
+                            "network_evals": result.nfe, "seed": spec["seed"], "width": m.input_size[1],
+                            "height": m.input_size[0], "image": to_png(image)})
+        return pd.DataFrame(out, columns=list(OUTPUT_COLUMNS))
+
+
+mlflow.models.set_model(TimImageModel())

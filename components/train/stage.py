@@ -1,0 +1,182 @@
+"""Stage `train`: check every input, then run components/train/worker.py on Ray Train workers (DeepSpeed
+ZeRO inside each), track the run in MLflow and export the EMA weights.
+
+  tim train --shards data/shards --out models/tim --run-file models/train_run.json [--profile ..] [--set ..]
+
+Locally Ray starts in this process with CPU workers over gloo; with ``distributed.ray_address`` (or
+RAY_ADDRESS) it joins that cluster, GPU workers over NCCL when ``distributed.use_gpu``. Running the stage
+again with the same training identity (params minus budgets and runtime knobs, plus the data version)
+resumes from the latest checkpoint and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from components.common.errors import ShardError
+from components.common.files import atomic_dir, write_json
+from components.common.tracking import MlflowParams, Tracking, git_commit, probe_tcp
+from components.data.reader import data_version, read_index, verify_shards
+from components.train.lineage import RunMarker, finish_run, open_run
+from components.train.settings import OnStep, TrainParams, WorkerConfig
+from components.train.worker import EXPORT_DIR, STATE_FILE, train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    experiment: str
+    tracking_uri: str
+    step: int
+    images: int
+    identity: str
+    data_version: str
+    export_dir: str
+    checkpoint: str
+
+
+def check_shards(params: TrainParams, shard_dir: Path) -> dict[str, Any]:
+    """The train split exists, matches its checksums and has a sample for every reader."""
+    index = read_index(shard_dir)
+    verify_shards(shard_dir, "train")
+    readers = params.distributed.num_workers * max(1, params.data.loader_workers)
+    count = index["splits"]["train"]["count"]
+    if count < readers:
+        raise ShardError(f"{shard_dir / 'index.json'}: the train split has {count} samples, fewer than the "
+                         f"{readers} readers (num_workers x loader_workers); use fewer workers or more data")
+    return index
+
+
+def _ray_address(params: TrainParams) -> str | None:
+    return params.distributed.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of the local Ray. Ray Train's placement-group cleaner polls the State API every
+    second, which needs the dashboard this Ray runs without, and would warn each time."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def start_local_ray(num_cpus: int, object_store_mb: int) -> None:
+    """In-process single-machine Ray: CPU workers, no dashboard, every listener on 127.0.0.1."""
+    # Ray's switch for single-machine instances; read when ray is first imported, hence before the import.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb * 2**20,
+             runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+def connect_ray(params: TrainParams) -> bool:
+    """Join the configured cluster (probed first) or start a local Ray; True when this call started it."""
+    address, d = _ray_address(params), params.distributed
+    if address and address != "auto":
+        parsed = urlparse(address if "://" in address else f"ray://{address}")
+        probe_tcp(parsed.hostname or "", parsed.port or 6379, d.probe_timeout_s, what="Ray cluster")
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False  # this process already runs Ray (a notebook, a test session): use it
+    if address:
+        import ray
+
+        import components
+        import tim_core
+
+        # Ship this checkout's code so the cluster runs exactly what the driver validated.
+        ray.init(address=address, runtime_env={"py_modules": [components, tim_core]})
+    else:
+        start_local_ray(max(os.cpu_count() or 1, d.num_workers * d.cpus_per_worker), d.object_store_mb)
+    return True
+
+
+def storage_uri(params: TrainParams, project_dir: Path) -> str:
+    """Ray wants an absolute path or a URI; relative paths are taken under the project."""
+    storage = params.distributed.storage_path
+    return storage if "://" in storage else str((project_dir / storage).resolve())
+
+
+def _model_kwargs(params: TrainParams, index: dict[str, Any]) -> dict[str, Any]:
+    image = index["image"]
+    return {"preset": params.model.preset, **params.model.overrides, "num_classes": index["num_classes"],
+            "input_size": [image["height"], image["width"]], "in_channels": image["channels"]}
+
+
+def train(params: TrainParams, shard_dir: str | Path, out_dir: str | Path, run_file: str | Path | None = None,
+          *, tracking: Tracking | None = None, project_dir: str | Path | None = None,
+          on_step: OnStep | None = None) -> TrainResult:
+    """Train (or resume) with validated params; writes the EMA export to ``out_dir`` and returns the run.
+    ``tracking``: the MLflow store (default: the rule of components.common.tracking with no params entry)."""
+    project_dir = Path(project_dir or Path.cwd()).resolve()
+    tracking = tracking or Tracking.resolve(MlflowParams(), project_dir)
+    shard_dir, out_dir = Path(shard_dir).resolve(), Path(out_dir)
+    d = params.distributed
+
+    # Everything that can be wrong with the inputs fails here, before Ray starts or a checkpoint exists.
+    index = check_shards(params, shard_dir)
+    version = data_version(shard_dir)
+    identity = params.identity(version)
+    tracking.check()
+    started_ray = connect_ray(params)
+    try:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        storage, name = storage_uri(params, project_dir), f"train-{identity}"
+        marker = RunMarker(storage, name)
+        commit, dirty = git_commit(project_dir)
+        run_id = open_run(tracking, params.mlflow.experiment, identity, marker.read(),
+                          params.model_dump(mode="json"),
+                          tags={"mlflow.source.git.commit": commit, "tim.git.dirty": str(dirty),
+                                "tim.data.version": version, "tim.data.shards": str(shard_dir),
+                                "tim.ray.checkpoints": f"{storage}/{name}"})
+        marker.write(run_id)
+        log.info("training %s: checkpoints in %s/%s, MLflow run %s at %s", identity, storage, name, run_id,
+                 tracking.uri)
+
+        deadline = time.time() + params.schedule.max_minutes * 60 if params.schedule.max_minutes else None
+        config = WorkerConfig(params=params, shard_dir=str(shard_dir), identity=identity,
+                              model_kwargs=_model_kwargs(params, index), tracking_uri=tracking.uri, run_id=run_id,
+                              deadline=deadline, on_step=on_step)
+        resources = {"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop, train_loop_config={"worker": config},
+            scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=d.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=params.schedule.keep_checkpoints)))
+        try:
+            result = trainer.fit()
+        except BaseException as exc:
+            finish_run(tracking, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+
+        with result.checkpoint.as_directory() as directory:
+            state = json.loads((Path(directory) / STATE_FILE).read_text())
+            with atomic_dir(out_dir) as tmp:
+                shutil.copytree(Path(directory) / EXPORT_DIR, tmp, dirs_exist_ok=True)
+        finish_run(tracking, run_id, "FINISHED", artifacts=out_dir)
+        outcome = TrainResult(run_id=run_id, experiment=params.mlflow.experiment, tracking_uri=tracking.uri,
+                              step=state["step"], images=state["images"], identity=identity,
+                              data_version=version, export_dir=str(out_dir), checkpoint=result.checkpoint.path)
+        if run_file is not None:
+            write_json(run_file, asdict(outcome))
+        log.info("trained to step %d; EMA weights in %s; MLflow run %s", outcome.step, out_dir, run_id)
+        return outcome
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
