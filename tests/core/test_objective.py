@@ -1,9 +1,15 @@
-"""The TiM objective: DDE against JVP, the row kinds, the single DDE forward, weights, baselines, bad input."""
+"""The TiM objective: DDE against JVP (every path, default step, bf16), the row kinds, the single DDE forward,
+weights on every path, the flow-matching time samplers, the directional term, model guidance, bad input."""
+
+import math
+import warnings
+from statistics import NormalDist
 
 import pytest
 import torch
 
-from tim_core import FlowMatchingLoss, MeanFlowLoss, TransitionLoss, build_model, build_objective, get_transport
+from tim_core import (TRANSPORTS, FlowMatchingLoss, MeanFlowLoss, TransitionLoss, build_model, build_objective,
+                      get_transport)
 
 from .toy import ToyNet
 
@@ -52,17 +58,85 @@ def test_dde_agrees_with_jvp(transport, net_kind):
     assert rel < 1e-3, f"DDE vs JVP relative error {rel:.2e}"
 
 
-def test_default_dde_step_is_accurate_on_ot_fm():
-    """The paper's e = 0.005 on OT-FM also agrees with JVP to 1e-3 on a smooth network."""
-    T, net = get_transport("ot_fm"), randomized_tiny()
-    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
-    eps, labels = torch.randn_like(x), torch.zeros(8, dtype=torch.long)
-    t = torch.linspace(0.3, 0.9, 8, dtype=torch.float64)
-    r = t / 3
-    kw = dict(label_dropout=0.0)
-    dde = TransitionLoss(T, **kw)._dF_dt_dde(net, x, eps, t, r, labels)
-    jvp = TransitionLoss(T, derivative="jvp", **kw)._dF_dt_jvp(net, x, eps, t, r, labels)
-    assert (dde - jvp).norm() / jvp.norm() < 1e-3
+def path_quantile_times(T, dtype, qs=(0.05, 0.25, 0.5, 0.75, 0.95)):
+    """Times at quantiles of the path's own proposal, each once with r inside (t, T_min) and once with r = T_min."""
+    draws = T.sample_t(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = draws.quantile(torch.tensor(qs, dtype=torch.float64))
+    r = T.T_min + 0.3 * (t - T.T_min)
+    return torch.cat([t, t]).to(dtype), torch.cat([r, torch.full_like(t, T.T_min)]).to(dtype)
+
+
+# Largest relative error (per row, DDE vs JVP) measured at the default e = 0.005 over the 10 rows of
+# path_quantile_times: float64 2.2e-4 (OT-FM), float32 6.5e-4 (VE); the bounds leave about 2x.
+DEFAULT_STEP_BOUND = {torch.float64: 5e-4, torch.float32: 1.5e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_dde_at_the_default_step_agrees_with_jvp_on_every_path(transport, dtype):
+    """The default e on a network whose zero-initialised layers are perturbed, at several t and r = T_min."""
+    T, net = get_transport(transport), randomized_tiny(dtype)
+    t, r = path_quantile_times(T, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(t), 1, 8, 8, generator=g, dtype=torch.float64).to(dtype)
+    eps, labels = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype), torch.zeros(len(t), dtype=torch.long)
+    loss_fn = TransitionLoss(T, label_dropout=0.0)
+    assert loss_fn.dde_eps == 0.005
+    dde = loss_fn._dF_dt_dde(net, x, eps, t, r, labels)
+    jvp = TransitionLoss(T, derivative="jvp", label_dropout=0.0)._dF_dt_jvp(net, x, eps, t, r, labels)
+    rel = (dde - jvp).flatten(1).norm(dim=1) / jvp.flatten(1).norm(dim=1)
+    assert rel.max() < DEFAULT_STEP_BOUND[dtype], f"DDE vs JVP relative error per row: {rel.tolist()}"
+
+
+def test_dde_under_bf16_autocast_stays_at_the_fp32_error():
+    """Measured (tiny net, OT-FM, t = 0.5, e = 0.005, against an fp32 JVP): fp32 DDE 2.1e-4; under bf16
+    autocast 4.3e-1 if the two DDE passes follow autocast, 2.1e-4 with them in fp32 (fp32_derivative)."""
+    T, net = get_transport("ot_fm"), randomized_tiny(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    eps, labels = torch.randn(x.shape, generator=g), torch.zeros(8, dtype=torch.long)
+    t, r = torch.full((8,), 0.5), torch.full((8,), 0.2)
+    jvp = TransitionLoss(T, derivative="jvp", label_dropout=0.0)._dF_dt_jvp(net, x, eps, t, r, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        safe = TransitionLoss(T, label_dropout=0.0)._dF_dt_dde(net, x, eps, t, r, labels)
+        unsafe = TransitionLoss(T, label_dropout=0.0, fp32_derivative=False)._dF_dt_dde(net, x, eps, t, r, labels)
+    assert safe.dtype == torch.float32
+    assert (safe - jvp).norm() / jvp.norm() < 5e-4
+    assert (unsafe - jvp).norm() / jvp.norm() > 0.1  # what the fp32 passes protect against
+
+
+class AutocastRecorder(torch.nn.Module):
+    """Records (rows, autocast on) of each call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, r, labels):
+        self.calls.append((x.shape[0], torch.is_autocast_enabled("cpu")))
+        return self.net(x, t, r, labels)
+
+
+def test_objective_opens_autocast_for_the_gradient_pass_only():
+    """autocast_dtype="bfloat16": the gradient pass under autocast, the DDE pass in fp32, so the target is
+    bit-identical to the fp32 objective's and the weights' gradients stay fp32."""
+    T = get_transport("ot_fm")
+    x, labels = torch.randn(12, 1, 8, 8), torch.randint(0, 10, (12,))
+    net = AutocastRecorder(randomized_tiny(torch.float32))
+    loss_fn = TransitionLoss(T, null_label=10, autocast_dtype="bfloat16")
+    loss, logs = loss_fn(net, x, labels, generator=torch.Generator().manual_seed(0))
+    assert net.calls == [(12, True), (12, False)]
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    t, r = torch.full((12,), 0.7), torch.full((12,), 0.1)
+    plain = loss_fn.target(net, x, eps, t, r, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = loss_fn.target(net, x, eps, t, r, labels)
+    assert torch.equal(plain, under)
+    with pytest.warns(UserWarning, match="weights are bf16"):
+        loss_fn.target(randomized_tiny(torch.bfloat16), x, eps, t, r, labels)
 
 
 def test_diffusion_rows_get_exactly_h_and_dde_is_one_no_grad_forward_of_the_other_rows():
@@ -150,9 +224,159 @@ def test_bad_parameters_name_the_argument():
         TransitionLoss(T, diffusion_ratio=0.8, consistency_ratio=0.3)
     with pytest.raises(ValueError, match="null_label"):
         TransitionLoss(T, label_dropout=0.1)
-    with pytest.raises(ValueError, match="needs T_max"):
-        TransitionLoss(get_transport("edm"), label_dropout=0.0)
+    with pytest.raises(ValueError, match="autocast_dtype must be None or one of"):
+        TransitionLoss(T, label_dropout=0.0, autocast_dtype="int8")
+    with pytest.raises(ValueError, match="time_sampling must be one of uniform, logit_normal, max_of_two"):
+        FlowMatchingLoss(T, time_sampling="beta")
+    with pytest.raises(ValueError, match="model_guidance_interval"):
+        TransitionLoss(T, null_label=10, model_guidance=0.5, model_guidance_interval=(0.8, 0.3))
+    with pytest.raises(ValueError, match="null_label"):
+        TransitionLoss(T, label_dropout=0.0, model_guidance=0.5)
+    with pytest.raises(ValueError, match=r"model_guidance must lie in \[0, 1\)"):
+        TransitionLoss(T, null_label=10, model_guidance=1.0)
     with pytest.raises(ValueError, match="MeanFlowLoss needs the ot_fm transport"):
         MeanFlowLoss(get_transport("vp"))
     with pytest.raises(ValueError, match="labels must have shape"):
         TransitionLoss(T, label_dropout=0.0)(ToyNet(), torch.randn(4, 2), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_default_tim_objective_builds_weights_and_trains_a_step_on_every_path(transport):
+    """w = (sigma_d + tan(u_t) - tan(u_r))^(-1/2) with u the OT-FM-equivalent time: finite, positive, 1 /
+    sqrt(sigma_d) at t = r and decreasing in t on every path (EDM and VE have T_max far above pi / 2)."""
+    T = get_transport(transport)
+    loss_fn = build_objective("tim", T, null_label=10)
+    t = torch.linspace(T.T_min, T.T_max, 65, dtype=torch.float64)[1:]
+    r = torch.full_like(t, T.T_min)
+    w = loss_fn.time_weight(t, r)
+    expected = (T.sigma_d + torch.tan(T.ot_time(t)) - torch.tan(T.ot_time(r))) ** -0.5
+    assert torch.allclose(w, expected, rtol=1e-12)
+    assert torch.isfinite(w).all() and (w > 0).all() and (w[1:] < w[:-1]).all()
+    assert torch.allclose(loss_fn.time_weight(t, t), torch.full_like(t, T.sigma_d ** -0.5))
+    net = randomized_tiny(torch.float32)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss, logs = loss_fn(net, torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)),
+                         generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in logs.values())
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    torch.optim.SGD(net.parameters(), lr=1e-3).step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def _sigmoid(z):
+    return 1 / (1 + math.exp(-z))
+
+
+# OT-FM's proposal: logit(t) ~ N(-0.4, 1). Closed forms of the median and of P(t < 0.2) for each rule.
+_LOGIT_02, _PHI = math.log(0.2 / 0.8), NormalDist()
+FM_TIME_CLOSED_FORMS = {
+    "uniform": (0.5, 0.2),
+    "logit_normal": (_sigmoid(-0.4), _PHI.cdf(_LOGIT_02 + 0.4)),
+    "max_of_two": (_sigmoid(-0.4 + _PHI.inv_cdf(math.sqrt(0.5))), _PHI.cdf(_LOGIT_02 + 0.4) ** 2),
+}
+
+
+@pytest.mark.parametrize("rule", list(FM_TIME_CLOSED_FORMS))
+def test_flow_matching_time_samplers_match_their_closed_forms(rule):
+    """200k draws: the median and the low-noise share P(t < 0.2) within 0.005 of the closed forms
+    (max_of_two gives the low-noise end 2.6% of the rows, against 20% for uniform and 16% for one draw)."""
+    loss_fn = FlowMatchingLoss(get_transport("ot_fm"), time_sampling=rule, label_dropout=0.0)
+    t, r, n_diff = loss_fn.sample_pairs(200_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, r) and n_diff == len(t)
+    median, low = FM_TIME_CLOSED_FORMS[rule]
+    assert t.median().item() == pytest.approx(median, abs=0.005)
+    assert (t < 0.2).float().mean().item() == pytest.approx(low, abs=0.005)
+
+
+def test_time_sampling_defaults():
+    T = get_transport("ot_fm")
+    assert build_objective("fm", T, null_label=10).time_sampling == "uniform"
+    assert build_objective("tim", T, null_label=10).time_sampling == "max_of_two"
+    assert build_objective("meanflow", T, null_label=10).time_sampling == "max_of_two"
+
+
+class PixelScale(torch.nn.Module):
+    """F = W * x_t, W one weight per pixel."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x, t, r, labels):
+        return self.w * x
+
+
+def test_directional_term_is_the_cosine_over_each_rows_flattened_vector():
+    """One channel: a cosine over channels is +-1 with no gradient; over the flattened row it is neither."""
+    T = get_transport("ot_fm")
+    x, labels = torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long)
+    kw = dict(time_sampling="uniform", label_dropout=0.0)
+    net = PixelScale((1, 4, 4))
+    plain = FlowMatchingLoss(T, **kw)
+    directed = FlowMatchingLoss(T, **kw)
+    directed.directional = 1.0
+    g = torch.Generator().manual_seed(0)
+    loss_plain, _ = plain(net, x, labels, generator=torch.Generator().manual_seed(0))
+    loss_dir, _ = directed(net, x, labels, generator=torch.Generator().manual_seed(0))
+    t, _, _ = plain.sample_pairs(6, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    F, h = net(T.path(x, eps, t), None, None, None), T.diffusion_target(x, eps, t)
+    cos = (F.flatten(1) * h.flatten(1)).sum(1) / (F.flatten(1).norm(dim=1) * h.flatten(1).norm(dim=1))
+    assert (loss_dir - loss_plain).item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)
+    (grad,) = torch.autograd.grad(loss_dir - loss_plain, net.w)
+    assert grad.abs().max() > 1e-4
+
+
+class LabelShift(torch.nn.Module):
+    """F = 0.3 x_t + label: F(y) - F(null) = y - null in every pixel. Records (rows, grad enabled)."""
+
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.tensor(0.3))
+        self.calls = []
+
+    def forward(self, x, t, r, labels):
+        self.calls.append((x.shape[0], torch.is_grad_enabled()))
+        return self.p * x + labels.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+
+
+def test_model_guidance_shifts_h_inside_the_window_on_kept_labels_only():
+    """Target = the unguided target + w (F_g(y) - F_g(null)) on rows with ot_time(t) in [lo, hi] whose label is
+    not the null class, on diffusion and transition rows alike; everything else untouched."""
+    T = get_transport("ot_fm")
+    loss_fn = TransitionLoss(T, null_label=10, model_guidance=0.5, model_guidance_interval=(0.3, 0.8))
+    x = torch.randn(8, 1, 4, 4)
+    eps = torch.randn_like(x)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.8, 0.9, 0.5, 0.6, 0.7])
+    r = torch.tensor([0.1, 0.3, 0.5, 0.8, 0.9, 0.5, 0.2, 0.0])  # last two are transition rows
+    labels = torch.tensor([4, 4, 4, 4, 4, 10, 2, 7])               # row 5 dropped to the null class
+    guide = LabelShift()
+    shift = loss_fn.guidance_shift(guide, x, eps, t, labels)
+    expected_rows = torch.tensor([False, True, True, True, False, False, True, True])
+    delta = 0.5 * (labels - 10).float().view(-1, 1, 1, 1) * expected_rows.view(-1, 1, 1, 1)
+    assert torch.allclose(shift, delta.expand_as(x), atol=1e-6)
+    net = randomized_tiny(torch.float32)
+    net_in = lambda xx, tt, rr, yy: net(torch.nn.functional.interpolate(xx, size=8), tt, rr, yy)[:, :, :4, :4]  # noqa: E731
+    guided = loss_fn.target(net_in, x, eps, t, r, labels, guidance=shift)
+    unguided = loss_fn.target(net_in, x, eps, t, r, labels)
+    assert torch.allclose(guided - unguided, delta.expand_as(x), atol=1e-6)
+
+
+def test_model_guidance_queries_the_guide_net_without_gradient():
+    T = get_transport("ot_fm")
+    x, labels = torch.randn(16, 1, 4, 4), torch.randint(0, 10, (16,))
+    loss_fn = TransitionLoss(T, null_label=10, label_dropout=0.0, model_guidance=0.5,
+                             model_guidance_interval=(0.0, 1.0))
+    net, ema = LabelShift(), LabelShift()
+    _, logs = loss_fn(net, x, labels, generator=torch.Generator().manual_seed(0), guide_net=ema)
+    assert ema.calls == [(32, False)] and logs["share_guided"] == 1.0  # every row: y and null stacked
+    assert net.calls == [(16, True), (16, False)]                         # gradient pass, DDE of 8 rows
+    alone = LabelShift()
+    loss_fn(alone, x, labels, generator=torch.Generator().manual_seed(0))
+    assert alone.calls == [(16, True), (32, False), (16, False)]          # no guide_net: the net itself
+    off = LabelShift()
+    _, logs = TransitionLoss(T, null_label=10, label_dropout=0.0)(off, x, labels, guide_net=ema)
+    assert len(off.calls) == 2 and "share_guided" not in logs and len(ema.calls) == 1
