@@ -380,3 +380,14 @@ def test_model_guidance_queries_the_guide_net_without_gradient():
     off = LabelShift()
     _, logs = TransitionLoss(T, null_label=10, label_dropout=0.0)(off, x, labels, guide_net=ema)
     assert len(off.calls) == 2 and "share_guided" not in logs and len(ema.calls) == 1
+
+
+def test_rows_whose_label_was_dropped_are_not_guided():
+    """They train the null class, which must stay the unguided field that guidance subtracts."""
+    T = get_transport("ot_fm")
+    x, labels = torch.randn(16, 1, 4, 4), torch.randint(0, 10, (16,))
+    guide = LabelShift()
+    loss_fn = TransitionLoss(T, null_label=10, label_dropout=1.0, model_guidance=0.5,
+                             model_guidance_interval=(0.0, 1.0))
+    _, logs = loss_fn(LabelShift(), x, labels, generator=torch.Generator().manual_seed(0), guide_net=guide)
+    assert guide.calls == [] and logs["share_guided"] == 0.0
