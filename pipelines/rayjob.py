@@ -93,7 +93,8 @@ def schema_errors(job: Mapping[str, Any], schema: Mapping[str, Any] | None = Non
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(schema if schema is not None else load_schema())
-    return [f"{err.json_path}: {err.message}" for err in sorted(validator.iter_errors(job), key=lambda e: e.json_path)]
+    errors = sorted(validator.iter_errors(job), key=lambda e: e.json_path)
+    return [f"{err.json_path}: {err.message}" for err in errors]
 
 
 def train_entrypoint(workers: int, gpus_per_worker: int, cpus_per_worker: int, *, profile: str = "gpu",
@@ -102,7 +103,8 @@ def train_entrypoint(workers: int, gpus_per_worker: int, cpus_per_worker: int, *
     """``tim train`` for a cluster of ``workers`` pods: one Ray Train worker per GPU (or per pod on CPU).
 
     ``sets`` are more ``section.key=value`` overrides (e.g. ``train.distributed.storage_path=s3://...``), ``args``
-    more options of ``tim train`` (``--shards``, ``--out``, ``--run-file``).
+    more options of ``tim train`` (``--shards``, ``--out``, ``--run-file``). ``train.optim.global_batch`` must
+    divide by the number of Ray Train workers (``tim train`` checks it before starting).
     """
     _positive("workers", workers)
     if not isinstance(gpus_per_worker, int) or gpus_per_worker < 0:
@@ -149,9 +151,11 @@ def render_rayjob(
     node selector and toleration are dropped unless given), ``cpus_per_worker`` CPUs and ``memory_per_worker``
     (a Kubernetes quantity, e.g. ``"64Gi"``); requests equal limits. ``node_selector`` / ``tolerations`` replace
     the template's (GPU nodes); ``None`` keeps them. ``entrypoint`` is the command as a list (see
-    :func:`train_entrypoint`), quoted with shlex. ``mlflow_secret`` holds ``username`` / ``password`` for the MLflow
-    server, ``s3_secret`` ``access-key-id`` / ``secret-access-key`` (optional ``endpoint-url``, ``region``). ``env`` adds or replaces plain env vars on the head and workers
-    (e.g. NCCL settings). ``None`` for the other options keeps the template's value.
+    :func:`train_entrypoint`), quoted with shlex. ``mlflow_secret`` holds ``username`` / ``password`` for the
+    MLflow server, ``s3_secret`` ``access-key-id`` / ``secret-access-key`` (optional ``endpoint-url``,
+    ``region``). ``env`` adds or replaces plain env vars on the head and workers (e.g. NCCL settings).
+    ``shm_size`` is the workers' /dev/shm (memory-backed, counted in their memory). ``None`` for the other
+    options keeps the template's value.
     """
     folder = find_template_dir(template_dir)
     job = load_template(folder)
@@ -166,7 +170,7 @@ def render_rayjob(
         raise RayJobError(f"gpus_per_worker must be an integer >= 0; got {gpus_per_worker!r}")
     cpus = _quantity("cpus_per_worker", cpus_per_worker)
     memory = _quantity("memory_per_worker", memory_per_worker)
-    if not mlflow_tracking_uri.startswith(("http://", "https://")):
+    if not isinstance(mlflow_tracking_uri, str) or not mlflow_tracking_uri.startswith(("http://", "https://")):
         raise RayJobError(f"mlflow_tracking_uri must be the server's http(s) URL; got {mlflow_tracking_uri!r}")
     _dns_label("mlflow_secret", mlflow_secret, 253)
     _dns_label("s3_secret", s3_secret, 253)
@@ -181,11 +185,13 @@ def render_rayjob(
         spec["activeDeadlineSeconds"] = active_deadline_seconds
     if ttl_seconds_after_finished is not None:
         if not isinstance(ttl_seconds_after_finished, int) or ttl_seconds_after_finished < 0:
-            raise RayJobError(f"ttl_seconds_after_finished must be an integer >= 0; got {ttl_seconds_after_finished!r}")
+            raise RayJobError("ttl_seconds_after_finished must be an integer >= 0; "
+                              f"got {ttl_seconds_after_finished!r}")
         spec["ttlSecondsAfterFinished"] = ttl_seconds_after_finished
     if submitter_backoff_limit is not None:
         if not isinstance(submitter_backoff_limit, int) or not 0 <= submitter_backoff_limit <= 5:
-            raise RayJobError(f"submitter_backoff_limit must be an integer from 0 to 5; got {submitter_backoff_limit!r}")
+            raise RayJobError("submitter_backoff_limit must be an integer from 0 to 5; "
+                              f"got {submitter_backoff_limit!r}")
         spec["submitterConfig"]["backoffLimit"] = submitter_backoff_limit
 
     cluster = spec["rayClusterSpec"]

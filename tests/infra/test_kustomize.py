@@ -175,7 +175,8 @@ def test_network_policies_guard_mlflow_and_the_database(rendered):
         assert ingress_sources(mlflow) == [{"podSelector": {"matchLabels": {"tim-pipeline/mlflow-client": "true"}}}]
         assert policies["no-ingress"]["spec"].get("ingress") is None
     dev = by_kind(rendered["dev"], "NetworkPolicy")
-    assert ingress_sources(dev["tim-postgres"]) == [{"podSelector": {"matchLabels": {"tim-pipeline/db-client": "true"}}}]
+    db_only = [{"podSelector": {"matchLabels": {"tim-pipeline/db-client": "true"}}}]
+    assert ingress_sources(dev["tim-postgres"]) == db_only
     # Who carries the labels: the database only from the MLflow server and its upgrade Job.
     db_clients = {f"{o['kind']}/{o['metadata']['name']}" for o in rendered["dev"]
                   if o["kind"] in ("Deployment", "StatefulSet", "Job")
@@ -214,7 +215,8 @@ def test_mlflow_server(overlay, rendered):
         assert server[probe]["httpGet"]["path"] == "/health", probe
     assert spec["initContainers"][0]["name"] == "wait-for-schema"
 
-    config = next(o for o in objects if o["kind"] == "ConfigMap" and strip_hash(o["metadata"]["name"]) == "mlflow-server")
+    config = next(o for o in objects
+                  if o["kind"] == "ConfigMap" and strip_hash(o["metadata"]["name"]) == "mlflow-server")
     assert server["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     assert config["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     hosts = config["data"]["MLFLOW_ALLOWED_HOSTS"].split(",")

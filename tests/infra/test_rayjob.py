@@ -208,8 +208,11 @@ def test_template_is_found_from_an_installed_package(tmp_path):
             f"job = render_rayjob(**json.loads(sys.argv[1])); print(job['metadata']['name'])")
     env = {k: v for k, v in os.environ.items() if k != "TIM_RAYJOB_DIR"}
     env["PYTHONPATH"] = str(site)
-    run = lambda extra: subprocess.run([sys.executable, "-c", code, json.dumps(PARAMS)], capture_output=True,  # noqa: E731
-                                       text=True, env={**env, **extra}, cwd=tmp_path, timeout=60)
+
+    def run(extra):
+        return subprocess.run([sys.executable, "-c", code, json.dumps(PARAMS)], capture_output=True, text=True,
+                              env={**env, **extra}, cwd=tmp_path, timeout=60)
+
     found = run({"TIM_RAYJOB_DIR": str(RAYJOB_DIR)})
     assert found.returncode == 0 and found.stdout.strip() == "tim-train-1", found.stderr
     missing = run({})
