@@ -56,10 +56,13 @@ class TimImageModel(mlflow.pyfunc.PythonModel):
         self.max_images = int(config.get("max_images_per_request", 256))
 
     def _requests(self, frame: pd.DataFrame) -> list[dict]:
-        unknown = set(frame.columns) - set(INPUT_COLUMNS)
-        if "label" not in frame.columns or unknown:
-            raise _bad(f"columns must include 'label' and be among {', '.join(INPUT_COLUMNS)}; "
-                       f"got {', '.join(map(str, frame.columns))}")
+        unknown = sorted(map(str, set(frame.columns) - set(INPUT_COLUMNS)))
+        if unknown:
+            raise _bad(f"unknown column(s) {', '.join(map(repr, unknown))}: columns must be among "
+                       f"{', '.join(INPUT_COLUMNS)}")
+        if "label" not in frame.columns:
+            raise _bad(f"column 'label' is required (every row asks for one class); got "
+                       f"{', '.join(map(str, frame.columns)) or 'no columns'}")
         defaults = {"num_images": 1, "nfe": self.recommended_nfe, "guidance_scale": self.guidance_scale, "seed": 0}
         rows = []
         for i, row in enumerate(frame.to_dict("records")):
@@ -76,9 +79,10 @@ class TimImageModel(mlflow.pyfunc.PythonModel):
                 raise _bad(f"row {i}: num_images and nfe must be >= 1 and guidance_scale >= 0; got {row}")
             rows.append({"label": label, "num_images": n, "nfe": nfe, "seed": int(spec["seed"]),
                          "guidance_scale": float(spec["guidance_scale"])})
-        total = sum(r["num_images"] for r in rows)
-        if total > self.max_images:
-            raise _bad(f"{total} images requested; at most {self.max_images} per request")
+            total = sum(r["num_images"] for r in rows)
+            if total > self.max_images:
+                raise _bad(f"row {i}: num_images {n} brings the request to {total} images; at most "
+                           f"{self.max_images} per request")
         return rows
 
     @torch.no_grad()

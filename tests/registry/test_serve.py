@@ -22,6 +22,17 @@ from tests.registry.conftest import SIZE, free_port
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {1: 40.0, 2: 30.0, 4: 20.0}
+# (columns, rows, what the 400 answer must say): one per kind of bad request, the bad row not always the first.
+BAD_REQUESTS = [
+    (["label"], [[9]], "row 0: label 9 outside 0..2"),
+    (["label", "nfe"], [[1, 2], [1, 0]], "row 1: num_images and nfe must be >= 1"),
+    (["label", "num_images"], [[1, 0]], "row 0: num_images and nfe must be >= 1"),
+    (["label", "num_images"], [[1, 200], [0, 50], [2, 7]], "row 2: num_images 7 brings the request to 257 images"),
+    (["label", "num_images"], [[1, 257]], "row 0: num_images 257"),
+    # The scoring server checks columns against the signature before the model sees them: a missing label is
+    # its 400; an unknown column it drops with a warning (200), so that one is checked in test_pyfunc.py only.
+    (["num_images", "seed"], [[1, 2]], "Model is missing inputs ['label']"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +111,21 @@ def test_mlflow_models_serve_answers_with_images(champion, tmp_path):
         assert [(r["label"], r["nfe"], r["network_evals"]) for r in rows] == [(1, 2, 2), (1, 2, 2)]
         image = Image.open(io.BytesIO(base64.b64decode(rows[0]["image"])))
         assert image.size == (SIZE, SIZE) and image.mode == "L"
-        bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["label"], "data": [[9]]}},
-                            timeout=60)
-        assert bad.status_code == 400 and "label 9 outside 0..2" in bad.text
+        # Every kind of bad request is the client's fault (400) and says which row or column is wrong.
+        for columns, data, expected in BAD_REQUESTS:
+            bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": columns, "data": data}},
+                                timeout=60)
+            assert bad.status_code == 400, (columns, data, bad.status_code, bad.text)
+            assert expected in bad.json()["message"], (expected, bad.text)
+        # The same seed gives the same PNG bytes, request after request; another seed does not.
+        same = {"dataframe_split": {"columns": ["label", "num_images", "nfe", "seed"], "data": [[2, 2, 3, 11]]}}
+        first, second = (requests.post(f"{url}/invocations", json=same, timeout=60).json()["predictions"]
+                         for _ in range(2))
+        assert [r["image"] for r in first] == [r["image"] for r in second]
+        assert first[0]["image"] != first[1]["image"]  # two draws of one request differ
+        other = {"dataframe_split": {"columns": ["label", "num_images", "nfe", "seed"], "data": [[2, 2, 3, 12]]}}
+        assert requests.post(f"{url}/invocations", json=other, timeout=60).json()["predictions"][0]["image"] != \
+            first[0]["image"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
