@@ -20,9 +20,16 @@ def image_sha(image: torch.Tensor) -> str:
     return hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
 
 
-def expected(tiny_data, split: str) -> list[str]:
+def expected(tiny_data, split: str) -> list[tuple[str, int]]:
+    """The split's (image sha256, label) pairs, as the validated manifest has them."""
     manifest = pd.read_csv(tiny_data / "validated" / "manifest.csv")
-    return sorted(manifest.loc[manifest["split"] == split, "sha256"])
+    rows = manifest.loc[manifest["split"] == split]
+    assert rows["sha256"].is_unique  # a pair is then one image's: a label swapped between images shows
+    return sorted(zip(rows["sha256"], rows["label"].astype(int)))
+
+
+def pairs(samples) -> list[tuple[str, int]]:
+    return [(image_sha(x), int(y)) for x, y in samples]
 
 
 def test_dataset_yields_scaled_tensors_and_int_labels(tiny_data):
@@ -33,13 +40,13 @@ def test_dataset_yields_scaled_tensors_and_int_labels(tiny_data):
 
 
 def test_one_pass_yields_every_image_once(tiny_data):
-    seen = [image_sha(x) for x, _ in ShardDataset(tiny_data / "shards", "train")]
-    assert sorted(seen) == expected(tiny_data, "train")
+    seen = pairs(ShardDataset(tiny_data / "shards", "train"))
+    assert sorted(seen) == expected(tiny_data, "train")  # every image once, each with its own label
 
 
 def test_ranks_get_disjoint_complete_parts(tiny_data):
     parts = [
-        [image_sha(x) for x, _ in ShardDataset(tiny_data / "shards", "train", rank=r, world_size=2, seed=1)]
+        pairs(ShardDataset(tiny_data / "shards", "train", rank=r, world_size=2, seed=1))
         for r in range(2)
     ]
     assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])
@@ -51,14 +58,15 @@ def test_loader_workers_cover_split_exactly_once(tiny_data, split):
     assert len(read_index(tiny_data / "shards")["splits"]["val"]["shards"]) == 1
     loader = make_loader(tiny_data / "shards", split, batch_size=16, num_workers=2, world_size=2, rank=1)
     other = make_loader(tiny_data / "shards", split, batch_size=16, num_workers=2, world_size=2, rank=0)
-    seen = [image_sha(x) for batch, _ in itertools.chain(loader, other) for x in batch]
+    seen = [(image_sha(x), int(y)) for images, labels in itertools.chain(loader, other)
+            for x, y in zip(images, labels)]
     assert sorted(seen) == expected(tiny_data, split)
 
 
 def test_repeat_cycles_with_new_order(tiny_data):
     dataset = ShardDataset(tiny_data / "shards", "val", repeat=True, shuffle_buffer=50)
     n = dataset.num_samples
-    first_two = [image_sha(x) for x, _ in itertools.islice(dataset, 2 * n)]
+    first_two = pairs(itertools.islice(dataset, 2 * n))
     assert sorted(first_two[:n]) == sorted(first_two[n:]) == expected(tiny_data, "val")
     assert first_two[:n] != first_two[n:]
 
