@@ -85,6 +85,16 @@ def test_paper_sizes_within_two_percent(preset, target):
     assert abs(n - target) / target < 0.02, f"{preset}: {n / 1e6:.1f}M"
 
 
+# Exact counts (meta device, no memory): a changed layer, width, embedding or bias shows here even when the total
+# stays within the 2% of the paper's rounded figures above.
+@pytest.mark.parametrize("preset,count", [("tiny", 1_399_897), ("small", 7_901_704), ("B/4", 128_826_688),
+                                          ("XL/2", 664_123_984)])
+def test_preset_parameter_counts_are_exact(preset, count):
+    with torch.device("meta"):
+        net = build_model(preset)
+    assert sum(p.numel() for p in net.parameters()) == count
+
+
 def test_null_class_row_and_no_repa_head():
     net = build_model("tiny", num_classes=7, **SMALL)
     assert net.label_embedder.num_embeddings == 8
@@ -173,3 +183,22 @@ def test_ema_follows_the_closed_form():
     assert restored.num_updates == 4 and restored.current_decay() == ema.current_decay()
     with pytest.raises(ValueError, match="decay must lie in"):
         EMA(net, decay=1.0)
+
+
+def test_ema_warm_up_reaches_the_decay_cap_and_stays_there():
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(net, decay=0.9, warmup=True)
+    decays = []
+    for _ in range(100):
+        decays.append(ema.current_decay())
+        ema.update(net)
+    assert decays[0] == pytest.approx(0.1) and decays[79] == pytest.approx(80 / 89)  # (1 + n) / (10 + n)
+    assert all(a < b for a, b in zip(decays[:80], decays[1:81]))  # rises every update until the cap
+    assert decays[80] == 0.9 and set(decays[80:]) == {0.9}  # 81 / 90 = 0.9: capped from update 80 on
+    # At the cap an update moves the average by exactly (1 - 0.9) of the gap.
+    with torch.no_grad():
+        ema.shadow["weight"].fill_(0.0)
+        net.weight.fill_(1.0)
+    ema.update(net)
+    assert ema.shadow["weight"].item() == pytest.approx(0.1)
+    assert EMA(net, decay=0.9, warmup=False).current_decay() == 0.9  # no warm-up: the cap from the start
