@@ -279,5 +279,20 @@ def generate(
     print(f"{num_images} images of class {label} at NFE {result.nfe}: {result.path}")
 
 
+@app.command()
+def fingerprint(
+    out: Path = typer.Option(Path("data/fingerprint.json"), help="Output JSON: source, root, item count, digest."),
+    params: Path = PARAMS, profile: str = PROFILE, set_: list[str] = SET,
+) -> None:
+    """Content hash of the source `prepare` reads (S3 keys, sizes and ETags; folder file hashes; mnist5k's package
+    version), written without time stamps: an unchanged source gives the same file."""
+    from components.data.fingerprint import write_fingerprint
+    from components.data.prepare import PrepareParams
+
+    result = write_fingerprint(source(params, profile, set_).load("prepare", PrepareParams), out)
+    where = f"{result['source']} {result['root']}" if result["root"] else result["source"]
+    print(f"{where}: fingerprint {result['digest'][:12]} ({result['items']} items) in {out}")
+
+
 if __name__ == "__main__":
     app()
