@@ -17,27 +17,30 @@ from components.common.tracking import Tracking, flatten
 IDENTITY_TAG = "tim.train.identity"
 
 
-class RunMarker:
-    """``<storage>/<name>.mlflow.json``: the MLflow run of a training, so a restart continues that run."""
+class StorageRecord:
+    """A small JSON file beside a training's Ray checkpoints (a local folder or s3://, through pyarrow):
+    ``<name>.mlflow.json`` names the MLflow run, ``<name>.checkpoint.json`` the last checkpoint every rank saved."""
 
-    def __init__(self, storage: str, name: str) -> None:
+    def __init__(self, storage: str, filename: str) -> None:
         import pyarrow.fs
 
         self.fs, root = pyarrow.fs.FileSystem.from_uri(storage)
         self.fs.create_dir(root, recursive=True)
-        self.path = f"{root}/{name}.mlflow.json"
+        self.path = f"{root}/{filename}"
 
-    def read(self) -> str | None:
+    def read(self) -> dict | None:
         import pyarrow.fs
 
         if self.fs.get_file_info(self.path).type == pyarrow.fs.FileType.NotFound:
             return None
         with self.fs.open_input_stream(self.path) as f:
-            return json.loads(f.read())["run_id"]
+            return json.loads(f.read())
 
-    def write(self, run_id: str) -> None:
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(json.dumps({"run_id": run_id}).encode())
+    def write(self, payload: dict) -> None:
+        tmp = f"{self.path}.tmp"  # then move: a reader sees the old record or the new one, never half of one
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(payload).encode())
+        self.fs.move(tmp, self.path)
 
 
 def open_run(tracking: Tracking, experiment: str, identity: str, resume_run_id: str | None,

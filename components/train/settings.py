@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from components.common.params import StageParams
 
@@ -79,7 +79,7 @@ class OptimParams(StageParams):
 
 class EmaParams(StageParams):
     decay: float = Field(0.9999, gt=0, lt=1)
-    # decay_n = min(decay, (1 + n) / (10 + n)): keeps the EMA horizon inside short runs (TIM_SPEC section 3).
+    # decay_n = min(decay, (1 + n) / (10 + n)): keeps the EMA horizon inside short runs (docs/method.md, 9).
     warmup: bool = True
 
 
@@ -143,6 +143,20 @@ class TrainParams(StageParams):
     data: DataParams = DataParams()
     distributed: DistributedParams = DistributedParams()
     mlflow: RunParams = RunParams()
+    # Warm start: the weights of models:/NAME@ALIAS (or models:/NAME/VERSION, runs:/ID/model) or of a folder with
+    # model.safetensors + config.json, loaded into the network before DeepSpeed starts (a resumed checkpoint
+    # still wins). Part of the identity: the string, plus the weights' hash for a folder (an alias is a moving
+    # pointer on purpose: a scheduled retrain from @champion on unchanged data is the same training).
+    init_from: str | None = None
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_source(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        if v is not None and v.startswith("models:/") and not ("@" in v or v.count("/") >= 2):
+            raise ValueError("expected models:/NAME@ALIAS or models:/NAME/VERSION (or runs:/ID/model, or a folder)")
+        return v
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainParams:
@@ -166,9 +180,13 @@ class TrainParams(StageParams):
     def lr(self) -> float:
         return self.optim.base_lr * self.optim.global_batch / self.optim.ref_batch
 
-    def identity(self, data_version: str) -> str:
-        """Short hash naming a training: a restart with the same identity resumes its checkpoints."""
-        blob = json.dumps({"params": identity_fields(self), "data": data_version}, sort_keys=True)
+    def identity(self, data_version: str, init_weights: str | None = None) -> str:
+        """Short hash naming a training: a restart with the same identity resumes its checkpoints.
+        ``init_weights``: the hash of the warm-start weights when ``init_from`` is a folder."""
+        fields = {"params": identity_fields(self), "data": data_version}
+        if init_weights:
+            fields["init_weights"] = init_weights
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -187,3 +205,6 @@ class WorkerConfig:
     run_id: str
     deadline: float | None         # time.time() at which every rank stops (schedule.max_minutes)
     on_step: OnStep | None = None
+    storage: str = ""              # Ray's storage_path and run name: the last complete checkpoint is recorded
+    name: str = ""                 # beside them (<storage>/<name>.checkpoint.json), see train.worker
+    init_weights: Any = None       # ray.ObjectRef of the init_from state dict, loaded before DeepSpeed starts

@@ -16,17 +16,20 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from components.common.errors import ShardError
-from components.common.files import atomic_dir, write_json
+from components.common.errors import ModelError, ShardError
+from components.common.files import atomic_dir, file_sha256, write_json
 from components.common.tracking import MlflowParams, Tracking, git_commit, probe_tcp
 from components.data.reader import data_version, read_index, verify_shards
-from components.train.lineage import RunMarker, finish_run, open_run
+from components.train.lineage import StorageRecord, finish_run, open_run
 from components.train.settings import OnStep, TrainParams, WorkerConfig
 from components.train.worker import EXPORT_DIR, STATE_FILE, train_loop
 
@@ -92,8 +95,11 @@ def connect_ray(params: TrainParams) -> bool:
         import components
         import tim_core
 
-        # Ship this checkout's code so the cluster runs exactly what the driver validated.
-        ray.init(address=address, runtime_env={"py_modules": [components, tim_core]})
+        # Ship this checkout's code so the cluster runs exactly what the driver validated. As folders, not module
+        # objects: inside a Ray job, Ray deep-copies this runtime_env to merge it with the job's, and a module
+        # cannot be copied.
+        packages = [str(Path(m.__file__).parent) for m in (components, tim_core)]
+        ray.init(address=address, runtime_env={"py_modules": packages})
     else:
         start_local_ray(max(os.cpu_count() or 1, d.num_workers * d.cpus_per_worker), d.object_store_mb)
     return True
@@ -111,6 +117,81 @@ def _model_kwargs(params: TrainParams, index: dict[str, Any]) -> dict[str, Any]:
             "input_size": [image["height"], image["width"]], "in_channels": image["channels"]}
 
 
+# The folder of the EMA export the driver logs to a training run (lineage.finish_run's artifact_path).
+RUN_MODEL_ARTIFACT = "model"
+
+
+@contextmanager
+def init_folder(source: str, tracking: Tracking) -> Iterator[Path]:
+    """A local folder with the weights ``train.init_from`` names: the folder itself, or the EMA export of the
+    training run behind ``runs:/ID/model`` / ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, downloaded."""
+    if not source.startswith(("runs:/", "models:/")):
+        yield Path(source)
+        return
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.client(must_exist=True)
+    try:
+        if source.startswith("models:/"):
+            ref = source.removeprefix("models:/").strip("/")
+            version = (client.get_model_version_by_alias(*ref.split("@", 1)) if "@" in ref
+                       else client.get_model_version(*ref.rsplit("/", 1)))
+            # The registered pyfunc wraps the same weights its training run logged as its EMA export.
+            artifact = f"runs:/{version.run_id}/{RUN_MODEL_ARTIFACT}"
+        else:
+            artifact = source
+        with tempfile.TemporaryDirectory(prefix="tim-init-") as tmp:
+            yield Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=tmp,
+                                                            tracking_uri=tracking.uri))
+    except MlflowException as exc:
+        raise ModelError(f"train.init_from {source}: not found in MLflow at {tracking.uri}: {exc.message}") from None
+
+
+def init_weights_digest(init_from: str | None) -> str | None:
+    """The identity's share of a warm start beyond the ``init_from`` string: the hash of a folder's weights
+    (an MLflow URI names its weights already, or is an alias that moves on purpose)."""
+    from tim_core.io import WEIGHTS
+
+    if not init_from or init_from.startswith(("runs:/", "models:/")):
+        return None
+    weights = Path(init_from) / WEIGHTS
+    return file_sha256(weights) if weights.is_file() else None  # a missing file fails in init_weights
+
+
+def identity_of(params: TrainParams, shard_dir: str | Path) -> str:
+    """The training identity of ``params`` on these shards (checkpoint folder and MLflow run name)."""
+    return params.identity(data_version(shard_dir), init_weights_digest(params.init_from))
+
+
+def init_weights(params: TrainParams, model_kwargs: dict[str, Any], tracking: Tracking) -> dict[str, Any] | None:
+    """The state dict ``train.init_from`` names (None without it); the network it was saved from must be the one
+    this training builds."""
+    if not params.init_from:
+        return None
+    import torch
+    from safetensors.torch import load_file
+
+    import tim_core
+    from tim_core.io import CONFIG, WEIGHTS
+
+    source = params.init_from
+    with init_folder(source, tracking) as folder:
+        if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
+            raise ModelError(f"train.init_from {source}: {folder} has no {WEIGHTS} + {CONFIG} (a folder written "
+                             "by `tim train`, or a model registered by `tim register`)")
+        saved = json.loads((folder / CONFIG).read_text())["model"]
+        with torch.device("meta"):  # the configuration only, no memory
+            wanted = tim_core.build_model(**model_kwargs).config
+        differ = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
+        if differ:
+            raise ModelError(f"train.init_from {source}: its network differs from this training's in "
+                             + ", ".join(f"{k} ({saved.get(k)!r} vs {wanted.get(k)!r})" for k in differ))
+        weights = load_file(str(folder / WEIGHTS), device="cpu")
+    log.info("warm start from %s (%d tensors)", source, len(weights))
+    return weights
+
+
 def train(params: TrainParams, shard_dir: str | Path, out_dir: str | Path, run_file: str | Path | None = None,
           *, tracking: Tracking | None = None, project_dir: str | Path | None = None,
           on_step: OnStep | None = None) -> TrainResult:
@@ -124,29 +205,34 @@ def train(params: TrainParams, shard_dir: str | Path, out_dir: str | Path, run_f
     # Everything that can be wrong with the inputs fails here, before Ray starts or a checkpoint exists.
     index = check_shards(params, shard_dir)
     version = data_version(shard_dir)
-    identity = params.identity(version)
     tracking.check()
+    model_kwargs = _model_kwargs(params, index)
+    warm = init_weights(params, model_kwargs, tracking)
+    identity = identity_of(params, shard_dir)
     started_ray = connect_ray(params)
     try:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         storage, name = storage_uri(params, project_dir), f"train-{identity}"
-        marker = RunMarker(storage, name)
+        marker = StorageRecord(storage, f"{name}.mlflow.json")
         commit, dirty = git_commit(project_dir)
-        run_id = open_run(tracking, params.mlflow.experiment, identity, marker.read(),
+        run_id = open_run(tracking, params.mlflow.experiment, identity, (marker.read() or {}).get("run_id"),
                           params.model_dump(mode="json"),
                           tags={"mlflow.source.git.commit": commit, "tim.git.dirty": str(dirty),
                                 "tim.data.version": version, "tim.data.shards": str(shard_dir),
                                 "tim.ray.checkpoints": f"{storage}/{name}"})
-        marker.write(run_id)
+        marker.write({"run_id": run_id})
         log.info("training %s: checkpoints in %s/%s, MLflow run %s at %s", identity, storage, name, run_id,
                  tracking.uri)
 
         deadline = time.time() + params.schedule.max_minutes * 60 if params.schedule.max_minutes else None
+        import ray
+
         config = WorkerConfig(params=params, shard_dir=str(shard_dir), identity=identity,
-                              model_kwargs=_model_kwargs(params, index), tracking_uri=tracking.uri, run_id=run_id,
-                              deadline=deadline, on_step=on_step)
+                              model_kwargs=model_kwargs, tracking_uri=tracking.uri, run_id=run_id,
+                              deadline=deadline, on_step=on_step, storage=storage, name=name,
+                              init_weights=ray.put(warm) if warm is not None else None)
         resources = {"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop, train_loop_config={"worker": config},

@@ -30,15 +30,17 @@ EXPORT_DIR = "export"
 STATE_FILE = "state.json"
 
 
-def deepspeed_config(p: TrainParams, use_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(p: TrainParams) -> dict[str, Any]:
     return {
         "train_batch_size": p.optim.global_batch,
         "train_micro_batch_size_per_gpu": p.micro_batch,
         "gradient_accumulation_steps": p.optim.grad_accum,
         "gradient_clipping": p.optim.grad_clip,
         "zero_optimization": {"stage": p.distributed.zero_stage},
-        # bf16 on GPUs; CPUs train in fp32 (most have no fast bf16 matmul).
-        "bf16": {"enabled": use_gpu},
+        # fp32 master weights and optimizer everywhere: on GPUs the objective runs the forward under bf16 autocast
+        # (objective.params.autocast_dtype in the gpu profile) and its DDE passes in fp32 (docs/method.md), which a
+        # bf16 DeepSpeed engine (bf16 weights) would defeat.
+        "bf16": {"enabled": False},
         # A plain torch AdamW is passed in (DeepSpeed's fused Adam JIT-compiles for minutes).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -93,7 +95,11 @@ class Worker:
         self.zero3 = p.distributed.zero_stage == 3
 
         torch.manual_seed(p.seed)  # identical initial weights on every rank
-        model = tim_core.build_model(**config.model_kwargs).to(self.device)
+        model = tim_core.build_model(**config.model_kwargs)
+        if config.init_weights is not None:
+            # Warm start (train.init_from): before the EMA copies the weights and DeepSpeed partitions them.
+            model.load_state_dict(ray.get(config.init_weights))
+        model = model.to(self.device)
         self.transport = tim_core.get_transport(p.transport.name, **p.transport.params)
         objective_params = dict(p.objective.params)
         objective_params.setdefault("null_label", model.num_classes)
@@ -109,13 +115,31 @@ class Worker:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(p.optim.warmup_steps))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(p, self.device.type == "cuda"), dist_init_required=False)
+            config=deepspeed_config(p), dist_init_required=False)
 
         self.generator = torch.Generator(device=self.device).manual_seed(p.seed * 65_537 + self.rank)
         self.step, self.images = 0, 0
-        self._restore(ray.train.get_checkpoint())
+        self._restore(self._latest_checkpoint(ray.train.get_checkpoint()))
 
     # --- state --------------------------------------------------------------------------------------------
+    def _record(self) -> Any:
+        from components.train.lineage import StorageRecord
+
+        return StorageRecord(self.config.storage, f"{self.config.name}.checkpoint.json")
+
+    def _latest_checkpoint(self, from_ray: Any) -> Any:
+        """The later of Ray's checkpoint and the one recorded after every rank saved it. Ray records a checkpoint
+        in its own state a moment after the report, so a driver killed in between restarts without it; the
+        record (written only once every rank's files are stored) still names it. A checkpoint whose save was cut
+        short is in neither, and is never loaded."""
+        import ray.train
+
+        recorded = self._record().read() if self.config.storage else None
+        candidates = [from_ray] if from_ray is not None else []
+        if recorded is not None:
+            candidates.append(ray.train.Checkpoint(recorded["path"]))
+        return max(candidates, key=lambda c: Path(c.path).name, default=None)  # step-000000123: names sort
+
     def _restore(self, checkpoint: Any) -> None:
         if checkpoint is None:
             return
@@ -147,7 +171,12 @@ class Worker:
                 if final:
                     self.export(directory / EXPORT_DIR, raw)
             dist.barrier()
-            ray.train.report({"step": self.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            dirname = f"step-{self.step:09d}"
+            ray.train.report({"step": self.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=dirname)
+        dist.barrier()  # every rank's files are stored: record the checkpoint as complete
+        if self.rank == 0:
+            self._record().write({"step": self.step, "path": f"{self.config.storage}/{self.config.name}/{dirname}"})
 
     def raw_weights(self) -> dict[str, torch.Tensor] | None:
         """The trained (non-EMA) weights, full and in float32, on rank 0 (collective under ZeRO-3)."""
@@ -280,17 +309,23 @@ class RankZeroLog:
 
         p = config.params
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(config.tracking_uri)
+        mlflow.set_tracking_uri(config.tracking_uri)  # this worker process's own setting
         mlflow.start_run(run_id=config.run_id, log_system_metrics=p.mlflow.log_system_metrics)
+        # An attempt that died after its last checkpoint had logged steps past it; the resumed attempt repeats
+        # those steps, and logs only beyond them, so that every step is in the run once.
+        history = mlflow.MlflowClient(config.tracking_uri).get_metric_history(config.run_id, "train/loss")
+        self.logged_up_to = max((m.step for m in history), default=0)
         # Counts only this attempt's steps so that rate and ETA stay right after a resume.
         self.bar = tqdm_ray.tqdm(total=p.schedule.max_steps - start_step, desc=f"train from step {start_step}")
 
     def metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.mlflow.log_metrics(metrics, step=step, synchronous=False)
+        if step > self.logged_up_to:
+            self.mlflow.log_metrics(metrics, step=step, synchronous=False)
         self.bar.set_description(f"train loss {metrics['train/loss']:.4f} {metrics['perf/images_per_s']:.0f} img/s")
 
     def image(self, image: Any, step: int) -> None:
-        self.mlflow.log_image(image, key="samples_ema", step=step)
+        if step > self.logged_up_to:
+            self.mlflow.log_image(image, key="samples_ema", step=step)
 
     def close(self, status: str) -> None:
         self.bar.close()

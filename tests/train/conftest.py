@@ -1,14 +1,17 @@
-"""Fixtures for the training tests: one local Ray for the session, params from the
-committed cpu-tiny profile (the tiny shards and the PostgreSQL-backed MLflow server are tests/conftest.py's)."""
+"""Fixtures for the training tests: one local Ray for the session, params from the committed cpu-tiny profile,
+and the reference run every other training is compared with (the tiny shards and the PostgreSQL-backed MLflow
+server are tests/conftest.py's)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.common.params import deep_merge, read_params, resolve_profile
 from components.train.settings import TrainParams
+from components.train.stage import train
 from tests.services import BIN, free_port  # noqa: F401  (used by the training tests)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,3 +33,32 @@ def local_ray():
 
     yield ray
     ray.shutdown()
+
+
+def loss_history(tracking_uri: str, run_id: str) -> dict[int, float]:
+    from mlflow import MlflowClient
+
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {sorted(steps)}"
+    return {m.step: m.value for m in history}
+
+
+def export_weights(directory) -> dict[str, torch.Tensor]:
+    import tim_core
+
+    model, _ = tim_core.load_pretrained(directory)
+    return model.state_dict()
+
+
+def assert_same_weights(a, b, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"largest weight difference {worst:.2e} > {atol:.0e}"
+
+
+@pytest.fixture(scope="session")
+def reference(local_ray, shards, tmp_path_factory):
+    project = tmp_path_factory.mktemp("reference")
+    result = train(tiny_params(), shards, project / "model", project / "train_run.json", project_dir=project)
+    return project, result

@@ -14,38 +14,9 @@ import torch
 from components.common.tracking import Tracking
 from components.train.stage import train
 
-from .conftest import tiny_params
+from .conftest import assert_same_weights, export_weights, loss_history, tiny_params
 
 pytestmark = pytest.mark.slow
-
-
-def loss_history(tracking_uri: str, run_id: str) -> dict[int, float]:
-    from mlflow import MlflowClient
-
-    history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")
-    steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {sorted(steps)}"
-    return {m.step: m.value for m in history}
-
-
-def export_weights(directory) -> dict[str, torch.Tensor]:
-    import tim_core
-
-    model, _ = tim_core.load_pretrained(directory)
-    return model.state_dict()
-
-
-def assert_same_weights(a, b, atol: float) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= atol, f"largest weight difference {worst:.2e} > {atol:.0e}"
-
-
-@pytest.fixture(scope="module")
-def reference(local_ray, shards, tmp_path_factory):
-    project = tmp_path_factory.mktemp("reference")
-    result = train(tiny_params(), shards, project / "model", project / "train_run.json", project_dir=project)
-    return project, result
 
 
 def test_zero2_run_trains_checkpoints_tracks_and_exports(reference):
@@ -127,10 +98,13 @@ def test_restart_resumes_from_checkpoint_into_the_same_run_on_a_postgres_server(
 
 
 def test_a_worker_failure_restarts_from_the_last_checkpoint(reference, shards, tmp_path):
-    project, _ = reference
-    marker = tmp_path / "failed-once"
+    project, ref = reference
+    marker, steps_seen = tmp_path / "failed-once", tmp_path / "steps.txt"
 
     def fail_once(rank: int, step: int) -> None:
+        if rank == 0:
+            with open(steps_seen, "a") as f:
+                f.write(f"{step}\n")
         if rank == 1 and step == 4 and not marker.exists():
             marker.touch()
             raise RuntimeError("injected worker failure")
@@ -138,4 +112,8 @@ def test_a_worker_failure_restarts_from_the_last_checkpoint(reference, shards, t
     result = train(tiny_params(distributed={"max_failures": 1}, schedule={"sample_every": 0}), shards,
                    tmp_path / "model", project_dir=tmp_path, on_step=fail_once)
     assert marker.exists() and result.step == 6
+    # Resumed from the step-3 checkpoint: rank 0 saw steps 1-3 once (a restart from scratch would repeat them).
+    steps = [int(s) for s in steps_seen.read_text().split()]
+    assert steps[:3] == [1, 2, 3] and steps.count(1) == 1 and steps.count(3) == 1 and steps[-3:] == [4, 5, 6]
+    assert sorted(loss_history(result.tracking_uri, result.run_id)) == [1, 2, 3, 4, 5, 6]
     assert_same_weights(export_weights(tmp_path / "model"), export_weights(project / "model"), atol=1e-5)
