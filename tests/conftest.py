@@ -10,9 +10,36 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests.services import mlflow_on_postgres, postgres_available  # noqa: E402
+
+
+# Settings through which one test could change what a later one talks to (a store, a bucket, a cluster).
+WATCHED = ("MLFLOW_", "AWS_", "RAY_ADDRESS", "KFP_")
+
+
+def _watched_state() -> dict:
+    state = {k: v for k, v in os.environ.items() if k.startswith(WATCHED)}
+    if "mlflow" in sys.modules:  # the process-wide URIs that mlflow.set_tracking_uri / set_registry_uri change
+        from mlflow.tracking._model_registry import utils as registry_state
+        from mlflow.tracking._tracking_service import utils as tracking_state
+
+        state["mlflow tracking URI"] = tracking_state._tracking_uri
+        state["mlflow registry URI"] = registry_state._registry_uri
+    return state
+
+
+@pytest.fixture(autouse=True)
+def no_leaks_between_tests():
+    """Fail a test that leaves the environment or MLflow's process-wide URIs changed (monkeypatch restores)."""
+    before = _watched_state()
+    yield
+    after = _watched_state()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"the test leaked process-wide settings: {changed}"
 
 
 @pytest.fixture(scope="session")

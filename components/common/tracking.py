@@ -9,7 +9,8 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,30 @@ class Tracking:
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """MLflow's process-wide tracking and registry URI set to this store inside the block (fluent calls such as
+        ``mlflow.pyfunc.log_model`` know no other), then put back exactly as they were, environment included:
+        a stage called as a library must not redirect its caller's later runs."""
+        import mlflow
+        from mlflow.tracking._model_registry import utils as registry_state
+        from mlflow.tracking._tracking_service import utils as tracking_state
+
+        env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        saved = tracking_state._tracking_uri, registry_state._registry_uri  # None = "not set", unlike the getters
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved[0])
+            mlflow.set_registry_uri(saved[1])
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps artifacts: beside the embedded database (MLflow's default is relative to

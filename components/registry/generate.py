@@ -27,18 +27,16 @@ class Sampled:
 
 def generate(model_uri: str, label: int, nfe: int | None, num_images: int, guidance_scale: float | None, seed: int,
              out: str | Path, *, tracking: Tracking) -> Sampled:
-    import mlflow
+    import mlflow.pyfunc
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
     tracking.check(must_exist=True)
-    uri = tracking.uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        with tracking.active():
+            model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as e:
-        raise RegistryError(f"{model_uri}: cannot load it from {uri}: {e}") from None
+        raise RegistryError(f"{model_uri}: cannot load it from {tracking.uri}: {e}") from None
     request = {"label": [label], "num_images": [num_images], "seed": [seed]}
     if nfe is not None:
         request["nfe"] = [nfe]

@@ -68,7 +68,7 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
     tracking.same_store(run.get("tracking_uri"), f"the training run in {run_file}")
     uri = tracking.uri
     client = tracking.client(must_exist=True)
-    ev = evaluation(client, run["run_id"])
+    ev = evaluation(client, run["run_id"], params.recommend.guidance_scale)
     best = recommended_nfe(ev, params.recommend)
     # The evaluation counts honest NFE (a guided step costs 2); the model is asked for transitions.
     recommended = best // (2 if ev.cfg_scale != 1.0 else 1) if best else None
@@ -78,9 +78,7 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
             **ev.tags()}
     signature, example = signature_and_example(recommended)
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="tim-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tim-register-") as tmp, tracking.active():
         artifact = Path(tmp) / "tim_model"
         artifact.mkdir()
         for name in MODEL_FILES:  # only the weights and the config, whatever else lies in the folder
@@ -92,7 +90,7 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
                 signature=signature, input_example=example,
                 model_config={"recommended_nfe": recommended, "guidance_scale": ev.cfg_scale,
                               "max_images_per_request": params.max_images_per_request})
-    version = mlflow.register_model(info.model_uri, params.model_name, tags=tags)
+        version = mlflow.register_model(info.model_uri, params.model_name, tags=tags)
     client.update_model_version(params.model_name, version.version, description=(
         f"TiM EMA weights of run {run['run_id']} ({model.num_classes} classes, {model.input_size[0]}x"
         f"{model.input_size[1]}x{model.in_channels}); recommended NFE {recommended}"))

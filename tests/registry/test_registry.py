@@ -34,8 +34,8 @@ def test_register_then_load_by_alias_and_sample(store, name):
     assert {"tim.train.run_id", "tim.code.version", "tim.data.version"} <= set(mv.tags)
     assert promote(store.params(name), version, tracking=store.tracking)["verdict"] == "promoted"
 
-    mlflow.set_tracking_uri(store.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    with store.tracking.active():
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = model.predict(pd.DataFrame({"label": [2, 0], "num_images": [3, 1], "seed": [1, 2]}))
     assert len(out) == 4 and set(out["nfe"]) == {4}  # no NFE asked: the recommended one
     assert (out["width"] == SIZE).all() and out["label"].tolist() == [2, 2, 2, 0]
