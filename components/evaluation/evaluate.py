@@ -57,7 +57,9 @@ class EvaluateParams(StageParams):
     classes: list[int] | None = None     # the requested classes; null = every class of the model
     noise_seeds: int = Field(2, ge=1)    # sample sets per step count; >= 2 estimates the metrics' own noise
     batch_size: int = Field(250, ge=1)
-    cfg_scale: float = Field(1.0, ge=0)
+    # Classifier-free guidance scales, each measured at every step count. The first is the base (its figures are
+    # metrics.json's "ema"); 1 = unguided. A guided step costs 2 network calls: the honest NFE doubles.
+    cfg_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5])
     # auto: 'diffusion' (F(x, t, t)) for a flow-matching model, whose network never saw r != t; else 'transition'.
     mode: Literal["auto", "transition", "diffusion"] = "auto"
     kid_subset_size: int = Field(200, ge=2)
@@ -67,6 +69,13 @@ class EvaluateParams(StageParams):
     grid_steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 32])
     grid_per_class: int = Field(8, ge=1)
     threads: int = Field(0, ge=0)        # torch CPU threads; 0 = torch's default
+
+    @field_validator("cfg_scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct guidance scales >= 0 (1 = unguided)")
+        return v
 
     @field_validator("steps", "grid_steps")
     @classmethod
@@ -156,13 +165,18 @@ class FeatureSpace:
                 "accuracy": float((logits.argmax(1) == labels).double().mean())}
 
 
+def scale_key(scale: float) -> str:
+    """How a guidance scale names its figures in metrics.json and MLflow: 1.5 -> "1.5", 1.0 -> "1"."""
+    return f"{scale:g}"
+
+
 def generate(model: tim_core.TiM, transport: tim_core.Transport, labels: Tensor, noise: Tensor, steps: int,
-             p: EvaluateParams, mode: str, desc: str) -> tuple[Tensor, int, float]:
+             cfg_scale: float, p: EvaluateParams, mode: str, desc: str) -> tuple[Tensor, int, float]:
     """Samples for ``labels`` from ``noise`` in batches: (images, honest NFE per sample, seconds per image)."""
     out, nfe, started = [], 0, time.perf_counter()
     for i in tqdm(range(0, len(labels), p.batch_size), desc=desc, leave=False):
         result = tim_core.sample(model, noise[i:i + p.batch_size], labels[i:i + p.batch_size], steps,
-                                 transport=transport, cfg_scale=p.cfg_scale, mode=mode)
+                                 transport=transport, cfg_scale=cfg_scale, mode=mode)
         out.append(result.samples)
         nfe = result.nfe
     return torch.cat(out), nfe, (time.perf_counter() - started) / len(labels)
@@ -228,20 +242,21 @@ def fid_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
 
 # --- the stage ------------------------------------------------------------------------------------------------
 def evaluate_model(model: tim_core.TiM, transport: tim_core.Transport, space: FeatureSpace, p: EvaluateParams,
-                   mode: str, weights: str, seeds: list[int]) -> list[dict]:
+                   mode: str, weights: str, seeds: list[int], scales: list[float]) -> list[dict]:
     classes = p.classes if p.classes is not None else list(range(model.num_classes))
     labels = torch.tensor(classes).repeat_interleave(p.samples_per_class)
     shape = (len(labels), model.in_channels, *model.input_size)
     rows = []
     for seed in seeds:
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        for steps in p.steps:
-            images, nfe, spi = generate(model, transport, labels, noise, steps, p, mode,
-                                        desc=f"{weights} seed {seed} {steps} steps")
-            rows.append({"weights": weights, "seed": seed, "steps": steps, "nfe": nfe, **space.measure(images, labels),
-                         "sec_per_image": spi})
-            log.info("%s seed %d: %d steps (NFE %d) FID %.2f acc %.3f", weights, seed, steps, nfe, rows[-1]["fid"],
-                     rows[-1]["accuracy"])
+        for scale in scales:
+            for steps in p.steps:
+                images, nfe, spi = generate(model, transport, labels, noise, steps, scale, p, mode,
+                                            desc=f"{weights} seed {seed} guidance {scale:g} {steps} steps")
+                rows.append({"weights": weights, "cfg_scale": scale, "seed": seed, "steps": steps, "nfe": nfe,
+                             **space.measure(images, labels), "sec_per_image": spi})
+                log.info("%s seed %d guidance %g: %d steps (NFE %d) FID %.2f acc %.3f", weights, seed, scale, steps,
+                         nfe, rows[-1]["fid"], rows[-1]["accuracy"])
     return rows
 
 
@@ -295,26 +310,30 @@ def evaluate(params: EvaluateParams, model_source: str, evaluator_dir: str | Pat
     if params.mode == "auto" and objective is None:
         log.warning("the model does not record its training objective; sampling in transition mode")
 
-    seeds = [params.seed + i for i in range(params.noise_seeds)]
-    rows = evaluate_model(model, transport, space, params, mode, "ema", seeds)
-    if raw is not None:
-        rows += evaluate_model(raw, transport, space, params, mode, "raw", seeds[:1])
+    seeds, base = [params.seed + i for i in range(params.noise_seeds)], params.cfg_scales[0]
+    rows = evaluate_model(model, transport, space, params, mode, "ema", seeds, params.cfg_scales)
+    if raw is not None:  # the EMA-vs-raw check needs one seed at the base scale
+        rows += evaluate_model(raw, transport, space, params, mode, "raw", seeds[:1], [base])
 
-    ema_rows = [r for r in rows if r["weights"] == "ema"]
+    def ema_at(scale: float) -> list[dict]:
+        return [r for r in rows if r["weights"] == "ema" and r["cfg_scale"] == scale]
+
+    scales = {scale_key(s): {"ema": summary(ema_at(s)), "monotone": monotonicity(ema_at(s))}
+              for s in params.cfg_scales}
     result: dict[str, Any] = {
-        "objective": objective, "mode": mode, "cfg_scale": params.cfg_scale,
+        "objective": objective, "mode": mode, "cfg_scale": base, "cfg_scales": params.cfg_scales,
         "samples_per_set": params.samples_per_class * len(params.classes or range(model.num_classes)),
         "evaluator_val_accuracy": evaluator_config["val_accuracy"], "floor_set_size": len(keep), "floor": floor,
-        "ema": summary(ema_rows), "monotone": monotonicity(ema_rows),
+        **scales[scale_key(base)], "scales": scales,
     }
     if raw is not None:
         result["raw"] = summary([r for r in rows if r["weights"] == "raw"])
-    curves = {f"EMA ({len(seeds)} seeds)": fid_curve(ema_rows)}
+    curves = {f"EMA, guidance {s:g} ({len(seeds)} seeds)": fid_curve(ema_at(s)) for s in params.cfg_scales}
     if raw is not None:
-        curves["raw weights"] = fid_curve([r for r in rows if r["weights"] == "raw"])
+        curves[f"raw weights, guidance {base:g}"] = fid_curve([r for r in rows if r["weights"] == "raw"])
 
     grid = nfe_grid(model, transport, params.grid_steps, per_class=params.grid_per_class,
-                    cfg_scale=params.cfg_scale, seed=params.seed, mode=mode)
+                    cfg_scale=base, seed=params.seed, mode=mode)
     with atomic_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
         pd.DataFrame(rows).to_csv(tmp / "per_nfe.csv", index=False)
@@ -334,19 +353,25 @@ def balanced(labels: Tensor, classes: list[int] | None, per_class: int) -> Tenso
 
 
 def log_to_run(tracking_uri: str, run_id: str, result: dict, out_dir: Path) -> None:
-    """Metrics on the training run: eval/<weights>/<metric> with the NFE as the step (MLflow draws FID
-    against NFE), the floor and verdict as single values, and the whole output folder as artifacts."""
+    """Metrics on the training run: eval/<weights>/<metric> (base guidance scale) and eval/cfg<scale>/ema/<metric>
+    (the others) with the honest NFE as the step (MLflow draws FID against NFE), the floor and verdicts as single
+    values, and the whole output folder as artifacts."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
+    base = scale_key(result["cfg_scale"])
     items = [Metric(f"eval/floor/{k}", v, stamp, 0) for k, v in result["floor"].items()]
-    for weights in ("ema", "raw"):
-        for nfe_key, values in result.get(weights, {}).items():
+    figures = {"eval/ema": result["ema"], "eval/raw": result.get("raw", {}),
+               **{f"eval/cfg{key}/ema": s["ema"] for key, s in result["scales"].items() if key != base}}
+    for prefix, per_nfe in figures.items():
+        for nfe_key, values in per_nfe.items():
             nfe = int(nfe_key.removeprefix("nfe_"))
-            items += [Metric(f"eval/{weights}/{k}", v, stamp, nfe) for k, v in values.items()]
-    if result["monotone"]["verdict"] is not None:
-        items.append(Metric("eval/monotone", float(result["monotone"]["verdict"]), stamp, 0))
+            items += [Metric(f"{prefix}/{k}", v, stamp, nfe) for k, v in values.items()]
+    for key, s in result["scales"].items():
+        if s["monotone"]["verdict"] is not None:
+            name = "eval/monotone" if key == base else f"eval/cfg{key}/monotone"
+            items.append(Metric(name, float(s["monotone"]["verdict"]), stamp, 0))
     client = MlflowClient(tracking_uri=tracking_uri)
     for start in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[start:start + 1000])

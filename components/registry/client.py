@@ -27,11 +27,14 @@ Metric = Literal["fid", "kid", "precision", "recall", "accuracy"]
 
 class RecommendParams(StageParams):
     metric: Metric = "fid"
+    # The evaluation's guidance scale whose figures choose the NFE; the served model defaults to this scale.
+    guidance_scale: float = Field(1.0, ge=0)
     tolerance: float = Field(0.10, ge=0)  # relative to the best NFE's figure: 0.10 = within 10%
 
 
 class GateParams(StageParams):
     metric: Metric = "fid"
+    guidance_scale: float = Field(1.0, ge=0)  # judge the evaluation's figures at this guidance scale
     nfe: list[int] = Field(default_factory=lambda: [1, 4])  # the challenger must win at every one of these
     min_improvement: float = Field(0.0, ge=0)      # absolute margin over the champion's figure
     min_rel_improvement: float = Field(0.02, ge=0)  # and this fraction of the champion's figure
@@ -96,11 +99,18 @@ class Evaluation:
     cfg_scale: float
 
     @classmethod
-    def from_metrics(cls, run_id: str, metrics: dict[str, Any]) -> Evaluation:
+    def from_metrics(cls, run_id: str, metrics: dict[str, Any], scale: float = 1.0) -> Evaluation:
+        """The figures at guidance ``scale`` (metrics.json's "scales", keyed like evaluate.scale_key)."""
         try:
+            scales = metrics["scales"]
+            if f"{scale:g}" not in scales:
+                raise RegistryError(f"run {run_id}: {METRICS_ARTIFACT} has no figures at guidance scale {scale:g} "
+                                    f"(measured: {', '.join(scales)}); add it to evaluate.cfg_scales and evaluate "
+                                    "again, or change registry.gate/recommend.guidance_scale")
+            figures = scales[f"{scale:g}"]
             per_nfe = {int(k.removeprefix("nfe_")): {m: float(v) for m, v in values.items()}
-                       for k, values in metrics["ema"].items()}
-            return cls(run_id, per_nfe, metrics["monotone"]["verdict"], float(metrics.get("cfg_scale", 1.0)))
+                       for k, values in figures["ema"].items()}
+            return cls(run_id, per_nfe, figures["monotone"]["verdict"], float(scale))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RegistryError(f"run {run_id}: {METRICS_ARTIFACT} is not in the format `tim evaluate` writes "
                                 f"({type(e).__name__}: {e})") from None
@@ -117,8 +127,9 @@ class Evaluation:
         return {**tags, "tim.eval.monotone": str(self.monotone).lower(), "tim.eval.cfg_scale": str(self.cfg_scale)}
 
 
-def evaluation(client, run_id: str) -> Evaluation:
-    """The evaluation `tim evaluate` logged to a training run; RegistryError when there is none."""
+def evaluation(client, run_id: str, scale: float = 1.0) -> Evaluation:
+    """The evaluation `tim evaluate` logged to a training run, at guidance ``scale``; RegistryError when there is
+    none."""
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory(prefix="tim-eval-") as tmp:
@@ -128,15 +139,15 @@ def evaluation(client, run_id: str) -> Evaluation:
         except (MlflowException, OSError, json.JSONDecodeError) as e:
             raise RegistryError(f"run {run_id} has no readable {METRICS_ARTIFACT} ({type(e).__name__}): run "
                                 "`tim evaluate --run-file models/train_run.json` on its model first") from None
-    return Evaluation.from_metrics(run_id, metrics)
+    return Evaluation.from_metrics(run_id, metrics, scale)
 
 
-def version_evaluation(client, version) -> Evaluation:
+def version_evaluation(client, version, scale: float = 1.0) -> Evaluation:
     run_id = version.tags.get(RUN_TAG) or version.run_id
     if not run_id:
         raise RegistryError(f"version {version.version} of {version.name!r} names no training run "
                             f"(tag {RUN_TAG}); register it with `tim register`")
-    return evaluation(client, run_id)
+    return evaluation(client, run_id, scale)
 
 
 def recommended_nfe(ev: Evaluation, p: RecommendParams) -> int | None:

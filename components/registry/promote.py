@@ -7,8 +7,9 @@ A version becomes `champion` only if its evaluation is complete, it meets the ab
 monotone when required, and it beats the current champion by the margin at every gate NFE; otherwise it gets
 `challenger`. The champion it replaces keeps `previous`, which `tim rollback` restores.
 
-Alias moves are serialised by a lease (components/registry/lease.py), and each move re-reads the champion immediately before it: if the
-champion changed after the gate read it, nothing moves. docs/registry.md describes the window that remains.
+Alias moves are serialised by a lease (components/registry/lease.py), and each move re-reads the champion
+immediately before it: if the champion changed after the gate read it, nothing moves. docs/registry.md
+describes the window that remains.
 """
 
 from __future__ import annotations
@@ -97,12 +98,12 @@ def decide(client, name: str, version: str | int, gate: GateParams) -> dict[str,
     champion_version = aliases(registered_model(client, name)).get(CHAMPION)
     decision: dict[str, Any] = {"model": name, "rule": gate.model_dump(mode="json"),
                                 "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    challenger_ev = version_evaluation(client, challenger)
+    challenger_ev = version_evaluation(client, challenger, gate.guidance_scale)
     decision["challenger"] = _side(challenger, challenger_ev)
     if champion_version == str(challenger.version):
         return {**decision, "champion": decision["challenger"], "checks": [], "verdict": "unchanged"}
     champion = model_version(client, name, champion_version) if champion_version else None
-    champion_ev = version_evaluation(client, champion) if champion else None
+    champion_ev = version_evaluation(client, champion, gate.guidance_scale) if champion else None
     decision["champion"] = _side(champion, champion_ev) if champion else None
     checks = judge(challenger_ev, champion_ev, gate)
     return {**decision, "checks": checks, "verdict": "promoted" if all(c["passed"] for c in checks) else "rejected"}

@@ -23,8 +23,9 @@ def test_stage_writes_every_output(eval_params, model_dir, evaluator_dir, shards
     assert sorted(p.name for p in out.iterdir()) == ["fid_vs_nfe.png", "metrics.json", "per_nfe.csv", "samples.png"]
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
     rows = pd.read_csv(out / "per_nfe.csv")
-    assert len(rows) == params.noise_seeds * len(params.steps)
-    assert list(rows.nfe) == list(rows.steps)          # unguided: one network call per step
+    assert len(rows) == params.noise_seeds * len(params.cfg_scales) * len(params.steps)
+    unguided = rows[rows.cfg_scale == 1.0]
+    assert list(unguided.nfe) == list(unguided.steps)  # unguided: one network call per step
     assert set(result["ema"]) == {f"nfe_{n}" for n in params.steps}
     for values in result["ema"].values():
         assert values["fid"] > 0 and 0 <= values["accuracy"] <= 1 and values["sec_per_image"] > 0
@@ -37,11 +38,16 @@ def test_stage_writes_every_output(eval_params, model_dir, evaluator_dir, shards
         assert image.width > 100 and len(set(image.convert("L").getdata())) > 2
 
 
-def test_guidance_doubles_the_honest_nfe(eval_params, model_dir, evaluator_dir, shards, tmp_path):
-    result = evaluate(eval_params(cfg_scale=2.0, noise_seeds=1, steps=[1, 3]), str(model_dir), evaluator_dir,
-                      shards, tmp_path / "out", log_to_mlflow=False)
+def test_every_guidance_scale_is_measured_with_honest_nfe(eval_params, model_dir, evaluator_dir, shards, tmp_path):
+    result = evaluate(eval_params(cfg_scales=[1.0, 2.0], noise_seeds=1, steps=[1, 3]), str(model_dir),
+                      evaluator_dir, shards, tmp_path / "out", log_to_mlflow=False)
     rows = pd.read_csv(tmp_path / "out" / "per_nfe.csv")
-    assert list(rows.nfe) == [2, 6] and set(result["ema"]) == {"nfe_2", "nfe_6"}
+    assert list(zip(rows.cfg_scale, rows.steps, rows.nfe)) == [(1.0, 1, 1), (1.0, 3, 3), (2.0, 1, 2), (2.0, 3, 6)]
+    assert set(result["ema"]) == {"nfe_1", "nfe_3"} and result["cfg_scale"] == 1.0   # the base scale
+    assert set(result["scales"]["2"]["ema"]) == {"nfe_2", "nfe_6"}                      # a guided step costs 2
+    assert result["scales"]["1"]["ema"] == result["ema"]
+    # Guidance changes the samples, hence the figures (same noise, same steps).
+    assert result["scales"]["2"]["ema"]["nfe_2"]["fid"] != result["ema"]["nfe_1"]["fid"]
     assert result["monotone"]["verdict"] is None    # one seed: the noise is unknown, no verdict
 
 
@@ -55,8 +61,8 @@ def test_flow_matching_model_is_sampled_in_diffusion_mode(eval_params, evaluator
 def test_raw_weights_beside_the_ema_export_are_evaluated_too(eval_params, evaluator_dir, shards, tmp_path):
     save_tiny_model(tmp_path / "model", objective="tim")
     save_tiny_model(tmp_path / "model" / "raw", objective="tim")   # the train stage's layout: raw/ inside
-    result = evaluate(eval_params(noise_seeds=1, steps=[1]), str(tmp_path / "model"), evaluator_dir, shards,
-                      tmp_path / "out", log_to_mlflow=False)
+    result = evaluate(eval_params(noise_seeds=1, steps=[1], cfg_scales=[1.0]), str(tmp_path / "model"),
+                      evaluator_dir, shards, tmp_path / "out", log_to_mlflow=False)
     assert set(result) >= {"ema", "raw"}
     assert sorted(pd.read_csv(tmp_path / "out" / "per_nfe.csv").weights) == ["ema", "raw"]
     # The same weights in both places: the same numbers.

@@ -36,9 +36,10 @@ def metrics_json(fid: dict[int, float], accuracy: float = 0.9, monotone: bool | 
     """metrics.json as components/evaluate.py writes it (the keys the registry reads, plus their neighbours)."""
     ema = {f"nfe_{n}": {"fid": v, "kid": v / 1000, "precision": 0.7, "recall": 0.6, "accuracy": accuracy,
                         "sec_per_image": 0.001 * n} for n, v in fid.items()}
-    return {"objective": "tim", "mode": "transition", "cfg_scale": 1.0, "samples_per_set": 12,
-            "evaluator_val_accuracy": 0.95, "floor_set_size": 12, "floor": {"fid": 1.0}, "ema": ema,
-            "monotone": {"verdict": monotone}}
+    figures = {"ema": ema, "monotone": {"verdict": monotone}}
+    return {"objective": "tim", "mode": "transition", "cfg_scale": 1.0, "cfg_scales": [1.0], "samples_per_set": 12,
+            "evaluator_val_accuracy": 0.95, "floor_set_size": 12, "floor": {"fid": 1.0}, **figures,
+            "scales": {"1": figures}}
 
 
 @dataclass

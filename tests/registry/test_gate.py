@@ -72,3 +72,18 @@ def test_recommended_nfe_is_the_smallest_within_tolerance():
     assert recommended_nfe(figures, RecommendParams(tolerance=0.0)) == 16
     assert recommended_nfe(figures, RecommendParams(tolerance=1.0)) == 1
     assert recommended_nfe(ev({1: math.nan}), RecommendParams()) is None
+
+
+def test_the_gate_and_the_recommendation_read_the_chosen_guidance_scale():
+    """metrics.json with an unguided and a guided set (honest NFE 2 and 8 for 1 and 4 guided steps)."""
+    metrics = metrics_json({1: 40.0, 4: 20.0})
+    guided = {"ema": {"nfe_2": {"fid": 12.0, "accuracy": 0.9}, "nfe_8": {"fid": 11.0, "accuracy": 0.9}},
+              "monotone": {"verdict": True}}
+    metrics["scales"]["1.5"] = guided
+    unguided, at_guided = Evaluation.from_metrics("r", metrics), Evaluation.from_metrics("r", metrics, 1.5)
+    assert unguided.figure(1, "fid") == 40.0 and at_guided.figure(2, "fid") == 12.0
+    assert at_guided.cfg_scale == 1.5 and at_guided.figure(1, "fid") is None
+    assert recommended_nfe(at_guided, RecommendParams(guidance_scale=1.5)) == 2   # 12 is within 10% of 11
+    assert passed(judge(at_guided, None, GateParams(nfe=[2, 8], guidance_scale=1.5)))
+    with pytest.raises(Exception, match="no figures at guidance scale 2"):
+        Evaluation.from_metrics("r", metrics, 2.0)
