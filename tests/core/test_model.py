@@ -2,6 +2,7 @@
 IO (including config.json files written before the REPA head was removed), EMA."""
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -193,7 +194,7 @@ def test_ema_warm_up_reaches_the_decay_cap_and_stays_there():
         decays.append(ema.current_decay())
         ema.update(net)
     assert decays[0] == pytest.approx(0.1) and decays[79] == pytest.approx(80 / 89)  # (1 + n) / (10 + n)
-    assert all(a < b for a, b in zip(decays[:80], decays[1:81]))  # rises every update until the cap
+    assert all(a < b for a, b in itertools.pairwise(decays[:81]))  # rises every update until the cap
     assert decays[80] == 0.9 and set(decays[80:]) == {0.9}  # 81 / 90 = 0.9: capped from update 80 on
     # At the cap an update moves the average by exactly (1 - 0.9) of the gap.
     with torch.no_grad():
