@@ -138,7 +138,8 @@ class Worker:
         candidates = [from_ray] if from_ray is not None else []
         if recorded is not None:
             candidates.append(ray.train.Checkpoint(recorded["path"]))
-        return max(candidates, key=lambda c: Path(c.path).name, default=None)  # step-000000123: names sort
+        # step-000000123[-final]: the names sort as the steps do
+        return max(candidates, key=lambda c: Path(c.path).name, default=None)
 
     def _restore(self, checkpoint: Any) -> None:
         if checkpoint is None:
@@ -171,7 +172,9 @@ class Worker:
                 if final:
                     self.export(directory / EXPORT_DIR, raw)
             dist.barrier()
-            dirname = f"step-{self.step:09d}"
+            # The final checkpoint (with the export) may fall on a step that was just saved as a periodic one (a
+            # time budget ends the run there): a name of its own, so that Ray's pruning of the older never hits it.
+            dirname = f"step-{self.step:09d}" + ("-final" if final else "")
             ray.train.report({"step": self.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=dirname)
         dist.barrier()  # every rank's files are stored: record the checkpoint as complete

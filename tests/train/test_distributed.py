@@ -7,6 +7,7 @@ test compares with: same seed and data, so losses and final EMA weights must agr
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -117,3 +118,27 @@ def test_a_worker_failure_restarts_from_the_last_checkpoint(reference, shards, t
     assert steps[:3] == [1, 2, 3] and steps.count(1) == 1 and steps.count(3) == 1 and steps[-3:] == [4, 5, 6]
     assert sorted(loss_history(result.tracking_uri, result.run_id)) == [1, 2, 3, 4, 5, 6]
     assert_same_weights(export_weights(tmp_path / "model"), export_weights(project / "model"), atol=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_time_budget_stops_every_rank_at_one_step_with_accumulation_and_pruning(local_ray, shards, tmp_path):
+    """max_minutes cuts a 1,000-step run: every rank leaves at the same step, and the result, the final checkpoint's
+    state and the export all say that step; gradient accumulation trains; only keep_checkpoints checkpoints remain."""
+    def record(rank: int, step: int) -> None:  # runs in each Ray worker: report through a file per rank
+        (tmp_path / f"rank{rank}.txt").write_text(str(step))
+
+    # The budget counts from the command's start (Ray and DeepSpeed start-up included), so it leaves room for them.
+    params = tiny_params(optim={"grad_accum": 2}, schedule={"max_steps": 1000, "max_minutes": 1.0,
+                                                            "checkpoint_every": 2, "keep_checkpoints": 1,
+                                                            "sample_every": 0})
+    result = train(params, shards, tmp_path / "model", project_dir=tmp_path, on_step=record)
+    ranks = {int((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)}
+    assert ranks == {result.step} and 0 < result.step < 1000, (ranks, result.step)
+    assert result.images == result.step * 16
+    checkpoints = [p for p in (tmp_path / "runs" / "train" / f"train-{result.identity}").iterdir() if p.is_dir()]
+    assert len(checkpoints) == 1, f"keep_checkpoints=1 left {sorted(p.name for p in checkpoints)}"
+    assert json.loads((checkpoints[0] / "state.json").read_text())["step"] == result.step
+    exported = json.loads((tmp_path / "model" / "config.json").read_text())["train"]
+    assert exported["step"] == result.step and exported["weights"] == "ema"
+    losses = loss_history(result.tracking_uri, result.run_id)
+    assert sorted(losses) == list(range(1, result.step + 1)) and all(map(math.isfinite, losses.values()))
