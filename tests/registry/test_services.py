@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import PortTaken, _as_postgres, _start_postgres, mlflow_on_postgres, on_free_port, pg_running
+from tests.services import (
+    PortTaken,
+    _as_postgres,
+    _start_postgres,
+    mlflow_on_postgres,
+    on_free_port,
+    pg_running,
+)
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -30,9 +37,9 @@ def test_a_failed_mlflow_server_start_stops_postgres(tmp_path):
     broken.write_text("#!/bin/sh\necho 'mlflow: broken on purpose' >&2\nexit 3\n")
     broken.chmod(0o755)
     roots: list[Path] = []
-    with pytest.raises(RuntimeError, match="mlflow server did not start.*exited with 3"):
-        with mlflow_on_postgres(mlflow=str(broken), keep_root=roots):
-            pytest.fail("yielded although the server never started")
+    with (pytest.raises(RuntimeError, match="mlflow server did not start.*exited with 3"),
+          mlflow_on_postgres(mlflow=str(broken), keep_root=roots)):
+        pytest.fail("yielded although the server never started")
     assert roots and not roots[0].exists()
     assert processes_mentioning(str(roots[0])) == []  # no postgres left running on the cluster
 
