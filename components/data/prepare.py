@@ -169,7 +169,9 @@ def s3_images(uri: str, classes: list[str] | None, s3: S3Params) -> tuple[list[s
         endpoint_url=s3.endpoint_url,
         region_name=s3.region,
         # botocore retries throttling and transient errors itself with backoff (adaptive also rate-limits).
-        config=Config(retries={"max_attempts": s3.max_attempts, "mode": s3.retry_mode}),
+        # total_max_attempts counts the first request, as s3.max_attempts (and AWS_MAX_ATTEMPTS) do; botocore's
+        # "max_attempts" key would count retries only, one attempt more than configured.
+        config=Config(retries={"total_max_attempts": s3.max_attempts, "mode": s3.retry_mode}),
     )
     keys: list[str] = []
     try:
@@ -187,7 +189,13 @@ def s3_images(uri: str, classes: list[str] | None, s3: S3Params) -> tuple[list[s
         raise DataError(f"s3://{bucket}/{prefix}: no objects under this prefix")
 
     def reader(key: str) -> Callable[[], bytes]:
-        return lambda: client.get_object(Bucket=bucket, Key=prefix + key)["Body"].read()
+        def read() -> bytes:
+            try:
+                return client.get_object(Bucket=bucket, Key=prefix + key)["Body"].read()
+            except (ClientError, BotoCoreError) as exc:  # retries spent (or not retryable): name the object
+                raise DataError(f"s3://{bucket}/{prefix}{key}: cannot read (up to {s3.max_attempts} attempts, "
+                                f"prepare.s3.max_attempts): {exc}") from None
+        return read
 
     return group_by_class(keys, f"s3://{bucket}/{prefix.rstrip('/')}", classes, reader)
 
