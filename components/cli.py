@@ -294,5 +294,127 @@ def fingerprint(
     print(f"{where}: fingerprint {result['digest'][:12]} ({result['items']} items) in {out}")
 
 
+# --- the Kubeflow pipeline (pipelines/): compile, run here, submit, schedule ------------------------------------
+pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit, schedule.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+PARAM = typer.Option([], "--param", help="A run-form parameter: name=value (YAML value), e.g. train_mode=ray_jobs; "
+                                         "repeatable (`tim pipeline compile` lists them in the YAML).")
+HOST = typer.Option(None, "--host", envvar="KF_PIPELINES_ENDPOINT",
+                    help="KFP API endpoint, e.g. http://localhost:8080; default: $KF_PIPELINES_ENDPOINT, else the "
+                         "kube config / in-cluster service account.")
+NAMESPACE = typer.Option(None, help="Kubeflow profile namespace (multi-user Kubeflow).")
+EXPERIMENT = typer.Option("tim", help="KFP experiment of the runs.")
+SERVICE_ACCOUNT = typer.Option("tim-pipeline", help="Service account of the run's pods (infra/k8s: tim-pipeline).")
+PACKAGE = typer.Option(None, help="Compiled pipeline YAML; default: pipelines/compiled/tim.yaml, or a fresh "
+                                  "compile for --image.")
+IMAGE = typer.Option(None, help="The project's image, with its tag (e.g. registry.example.com/tim-pipeline:0.1.0-gpu).")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    image: str = typer.Option(..., help="The project's image the tasks run, with its tag."),
+    out: Path = typer.Option(None, help="Output YAML; default: pipelines/compiled/tim.yaml."),
+    params_in_image: str = typer.Option("/opt/tim/params.yaml", help="Where params.yaml is inside the image."),
+    cache_model_tasks: bool = typer.Option(False, help="Let KFP cache training, evaluation and promotion too."),
+) -> None:
+    """Compile the pipeline to YAML (upload it in the KFP UI, or `tim pipeline submit`)."""
+    from pipelines.pipeline import COMPILED, compile_to
+
+    path = compile_to(out or COMPILED, image, params_path=params_in_image, cache_model_tasks=cache_model_tasks)
+    print(f"compiled for {image}: {path}")
+
+
+@pipeline_app.command("run-local")
+def pipeline_run_local(
+    params: Path = PARAMS, profile: str = PROFILE, set_: list[str] = SET, param: list[str] = PARAM,
+    pipeline_root: Path = typer.Option(Path("runs/pipeline"), help="Where the tasks' outputs go."),
+    cache_model_tasks: bool = typer.Option(False, help="Let the local cache cover training and evaluation too."),
+) -> None:
+    """Run the whole pipeline here with kfp.local (a subprocess per task, this environment) and print where the
+    outputs are. `--profile` and `--set` are the run's params_profile and params_set."""
+    from pipelines.inputs import parse_pairs
+    from pipelines.local import run_local, summary
+
+    run = run_local(params=params, pipeline_root=pipeline_root, profile=profile, sets=tuple(set_),
+                    form=parse_pairs(param), cache_model_tasks=cache_model_tasks)
+    print(summary(run))
+
+
+def _package_and_arguments(package: Path | None, image: str | None, params: Path, profile: str | None,
+                           sets: list[str], param: list[str], scratch: Path) -> tuple[Path, dict]:
+    """The compiled YAML to upload (``--package``, a fresh compile for ``--image``, else the committed one) and
+    the run's arguments, checked against its form and against params.yaml before anything is sent."""
+    from pipelines.inputs import form_arguments, form_values, parse_pairs, validated_overrides
+    from pipelines.kfp_client import form_of, read_package
+    from pipelines.pipeline import COMPILED, compile_to
+
+    if package is None:
+        package = compile_to(scratch / "tim.yaml", image) if image is not None else COMPILED
+    form = form_of(read_package(package))
+    args = form_arguments(form, parse_pairs(param))
+    if profile:
+        args["params_profile"] = profile
+    if sets:
+        args["params_set"] = list(sets)
+    validated_overrides(form_values(form, args), params)
+    return package, args
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: str = HOST, namespace: str = NAMESPACE, experiment: str = EXPERIMENT, package: Path = PACKAGE,
+    image: str = IMAGE, run_name: str = typer.Option(None, help="Run name; default: tim <date time>."),
+    service_account: str = SERVICE_ACCOUNT, params: Path = PARAMS, profile: str = PROFILE, set_: list[str] = SET,
+    param: list[str] = PARAM,
+) -> None:
+    """Upload the pipeline (a new version when it exists) and start a run in an experiment."""
+    import tempfile
+
+    from pipelines.kfp_client import submit
+    from pipelines.pipeline import PIPELINE_NAME
+
+    with tempfile.TemporaryDirectory(prefix="tim-submit-") as tmp:
+        package, args = _package_and_arguments(package, image, params, profile, set_, param, Path(tmp))
+        run = submit(host=host, namespace=namespace, package=package, pipeline_name=PIPELINE_NAME,
+                     experiment=experiment, run_name=run_name, args=args, service_account=service_account)
+    print(f"run {run['run_id']} ({run['run_name']}) of pipeline {PIPELINE_NAME} version {run['version']} in "
+          f"experiment {experiment}")
+
+
+@pipeline_app.command("schedule")
+def pipeline_schedule(
+    cron: str = typer.Option(..., help="KFP cron, 6 fields with seconds first: '0 0 3 * * 1' = Mondays 03:00."),
+    name: str = typer.Option("tim-retrain", help="Name of the recurring run (one of a name: it is replaced)."),
+    host: str = HOST, namespace: str = NAMESPACE, experiment: str = EXPERIMENT, package: Path = PACKAGE,
+    image: str = IMAGE, service_account: str = SERVICE_ACCOUNT, params: Path = PARAMS, profile: str = PROFILE,
+    set_: list[str] = SET, param: list[str] = PARAM,
+) -> None:
+    """Retrain on a schedule: a recurring run of the pipeline's latest version, one run at a time, no catch-up."""
+    import tempfile
+
+    from pipelines.kfp_client import schedule
+    from pipelines.pipeline import PIPELINE_NAME
+
+    with tempfile.TemporaryDirectory(prefix="tim-schedule-") as tmp:
+        package, args = _package_and_arguments(package, image, params, profile, set_, param, Path(tmp))
+        made = schedule(host=host, namespace=namespace, package=package, pipeline_name=PIPELINE_NAME,
+                        experiment=experiment, job_name=name, cron=cron, args=args, service_account=service_account)
+    replaced = f"; replaced {', '.join(made['replaced'])}" if made["replaced"] else ""
+    print(f"scheduled {name} ({made['recurring_run_id']}): '{made['cron']}', latest version of pipeline "
+          f"{PIPELINE_NAME}, one run at a time, no catch-up{replaced}")
+
+
+@pipeline_app.command("unschedule")
+def pipeline_unschedule(
+    name: str = typer.Option("tim-retrain", help="Name of the recurring run to delete."),
+    host: str = HOST, namespace: str = NAMESPACE, experiment: str = EXPERIMENT,
+) -> None:
+    """Delete the recurring run made by `tim pipeline schedule`."""
+    from pipelines.kfp_client import unschedule
+
+    ids = unschedule(host=host, namespace=namespace, experiment=experiment, job_name=name)
+    print(f"deleted recurring run {', '.join(ids)}" if ids else f"no recurring run named {name} in {experiment}")
+
+
 if __name__ == "__main__":
     app()
