@@ -54,8 +54,9 @@ def s3_items(uri: str, params: PrepareParams) -> list[dict[str, Any]]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
     s3 = params.s3
+    # The same client settings as prepare's S3 source (total_max_attempts counts the first request).
     client = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region,
-                          config=Config(retries={"max_attempts": s3.max_attempts, "mode": s3.retry_mode}))
+                          config=Config(retries={"total_max_attempts": s3.max_attempts, "mode": s3.retry_mode}))
     items = []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
