@@ -20,6 +20,11 @@ from tests.pipelines.conftest import REPO, make_image_folder, tim
 from tests.services import BIN, free_port
 
 
+def flipped(data: bytes) -> bytes:
+    """The same number of bytes, one of them different."""
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
 def test_folder_fingerprint_follows_the_bytes_prepare_reads(tmp_path):
     root = make_image_folder(tmp_path / "raw", per_class=3)
     params = PrepareParams(source="imagefolder", root=str(root))
@@ -28,7 +33,7 @@ def test_folder_fingerprint_follows_the_bytes_prepare_reads(tmp_path):
     (root / ".DS_Store").write_bytes(b"not data")            # hidden: prepare skips it, so does the digest
     assert fingerprint(params)["digest"] == first["digest"]
     image = sorted((root / "cat").iterdir())[0]
-    image.write_bytes(image.read_bytes() + b"\0")            # same name and class, other bytes
+    image.write_bytes(flipped(image.read_bytes()))          # same name, class and size, other bytes
     changed = fingerprint(params)
     assert changed["digest"] != first["digest"]
     image.rename(image.with_name("renamed" + image.suffix))
@@ -54,7 +59,8 @@ def test_s3_fingerprint_lists_keys_sizes_and_etags(aws_env, tmp_path):
     params = PrepareParams(source="s3", root="s3://fp-source/v1", s3=S3Params(endpoint_url=aws_env))
     first = fingerprint(params)
     assert first["items"] == 6 and fingerprint(params) == first
-    client.put_object(Bucket="fp-source", Key="v1/cat/000.png", Body=b"\x89PNG other bytes")  # same key, new ETag
+    original = client.get_object(Bucket="fp-source", Key="v1/cat/000.png")["Body"].read()
+    client.put_object(Bucket="fp-source", Key="v1/cat/000.png", Body=flipped(original))  # same key and size
     assert fingerprint(params)["digest"] != first["digest"]
     with pytest.raises(DataError, match="bucket does not exist"):
         fingerprint(PrepareParams(source="s3", root="s3://no-such-bucket/x", s3=S3Params(endpoint_url=aws_env)))
