@@ -22,9 +22,9 @@ from importlib.metadata import version as installed
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from components.common.errors import DataError, Unreachable
+from components.common.errors import DataError
 from components.common.files import file_sha256, write_json
-from components.data.prepare import PrepareParams
+from components.data.prepare import PrepareParams, list_s3
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +47,10 @@ def folder_items(root: str) -> list[dict[str, Any]]:
 
 
 def s3_items(uri: str, params: PrepareParams) -> list[dict[str, Any]]:
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    s3 = params.s3
-    # The same client settings as prepare's S3 source (total_max_attempts counts the first request).
-    client = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region,
-                          config=Config(retries={"total_max_attempts": s3.max_attempts, "mode": s3.retry_mode}))
-    items = []
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                key = obj["Key"][len(prefix):]
-                if key and not key.endswith("/") and _visible(key):
-                    items.append({"key": key, "size": obj["Size"], "etag": obj["ETag"].strip('"')})
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code == "NoSuchBucket":
-            raise DataError(f"s3://{bucket}: bucket does not exist (endpoint {client.meta.endpoint_url})") from None
-        raise DataError(f"s3://{bucket}/{prefix}: cannot list objects: {exc}") from None
-    except EndpointConnectionError as exc:
-        raise Unreachable(f"s3://{bucket}/{prefix}: S3 endpoint unreachable: {exc}") from None
-    except BotoCoreError as exc:
-        raise DataError(f"s3://{bucket}/{prefix}: cannot list objects: {exc}") from None
+    """Key, size and ETag of every object `prepare` would see, listed as `prepare` lists them."""
+    items = [obj for obj in list_s3(uri, params.s3).objects if not obj["key"].endswith("/") and _visible(obj["key"])]
     if not items:
-        raise DataError(f"s3://{bucket}/{prefix}: no objects under this prefix")
+        raise DataError(f"{uri}: no objects under this prefix")
     return sorted(items, key=lambda item: item["key"])
 
 

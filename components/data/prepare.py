@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from components.common.errors import DataError
+from components.common.errors import DataError, Unreachable
 from components.common.files import atomic_dir
 from components.common.params import StageParams
 
@@ -157,10 +157,23 @@ def folder_images(root: str, classes: list[str] | None) -> tuple[list[str], list
     return group_by_class(keys, root.rstrip("/"), classes, lambda key: (base / key).read_bytes)
 
 
-def s3_images(uri: str, classes: list[str] | None, s3: S3Params) -> tuple[list[str], list[RawImage]]:
+@dataclass(frozen=True)
+class S3Listing:
+    """The objects under an ``s3://bucket/prefix`` root: the client that listed them, and per object its key
+    relative to the prefix, size and ETag (what `prepare` reads and `fingerprint` hashes)."""
+
+    client: object
+    bucket: str
+    prefix: str
+    objects: list[dict]
+
+
+def list_s3(uri: str, s3: S3Params) -> S3Listing:
+    """List every object under ``uri``; a missing bucket, an unreachable endpoint (retryable) or an empty prefix is
+    an error naming the URI."""
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -173,20 +186,31 @@ def s3_images(uri: str, classes: list[str] | None, s3: S3Params) -> tuple[list[s
         # "max_attempts" key would count retries only, one attempt more than configured.
         config=Config(retries={"total_max_attempts": s3.max_attempts, "mode": s3.retry_mode}),
     )
-    keys: list[str] = []
+    objects = []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+            objects += [{"key": obj["Key"][len(prefix):], "size": obj["Size"], "etag": obj["ETag"].strip('"')}
+                        for obj in page.get("Contents", []) if obj["Key"][len(prefix):]]
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
             raise DataError(f"s3://{bucket}: bucket does not exist (endpoint {client.meta.endpoint_url})") from None
         raise DataError(f"s3://{bucket}/{prefix}: cannot list objects: {exc}") from None
+    except EndpointConnectionError as exc:
+        raise Unreachable(f"s3://{bucket}/{prefix}: S3 endpoint unreachable: {exc}") from None
     except BotoCoreError as exc:
         raise DataError(f"s3://{bucket}/{prefix}: cannot reach S3: {exc}") from None
-    keys = [k for k in keys if k]
-    if not keys:
+    if not objects:
         raise DataError(f"s3://{bucket}/{prefix}: no objects under this prefix")
+    return S3Listing(client, bucket, prefix, objects)
+
+
+def s3_images(uri: str, classes: list[str] | None, s3: S3Params) -> tuple[list[str], list[RawImage]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    listing = list_s3(uri, s3)
+    client, bucket, prefix = listing.client, listing.bucket, listing.prefix
+    keys = [obj["key"] for obj in listing.objects]
 
     def reader(key: str) -> Callable[[], bytes]:
         def read() -> bytes:
