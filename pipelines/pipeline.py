@@ -229,27 +229,44 @@ def build(image: str, *, params_path: str = PARAMS_IN_IMAGE, mlflow_tracking_uri
         """The run form: every field has a default that keeps params.yaml's choice or the cluster's names.
 
         Args:
-            data_source: Where the images come from: mnist5k (bundled digits), imagefolder (a folder the task can read) or s3 (root s3://bucket/prefix, one sub-folder per class). Empty: params.yaml's prepare.source.
-            data_root: The folder or s3://bucket/prefix of imagefolder and s3 sources. Empty: params.yaml's prepare.root.
-            params_profile: Profile of params.yaml for every section that defines it (cpu-tiny, cpu, gpu). Empty: each section's own.
-            params_set: Overrides, as `tim --set` takes them: ["train.optim.global_batch=128", "evaluate.samples_per_class=50"]. Applied after the profile; the fields of this form win over them.
-            force_train: Train even when a registered version was trained on the same data with the same params and code.
-            train_mode: Where training runs: in_pod (Ray inside this task's pod, for small runs), ray_jobs (a job on the Ray cluster at ray_address) or kuberay (a RayJob created for this run).
+            data_source: Where the images come from: mnist5k (bundled digits), imagefolder (a folder the
+                task can read) or s3 (root s3://bucket/prefix, one sub-folder per class). Empty:
+                params.yaml's prepare.source.
+            data_root: The folder or s3://bucket/prefix of imagefolder and s3 sources. Empty:
+                params.yaml's prepare.root.
+            params_profile: Profile of params.yaml for every section that defines it (cpu-tiny, cpu, gpu).
+                Empty: each section's own.
+            params_set: Overrides, as `tim --set` takes them: ["train.optim.global_batch=128",
+                "evaluate.samples_per_class=50"]. Applied after the profile; the fields of this form win
+                over them.
+            force_train: Train even when a registered version was trained on the same data with the same
+                params and code.
+            train_mode: Where training runs: in_pod (Ray inside this task's pod, for small runs), ray_jobs
+                (a job on the Ray cluster at ray_address) or kuberay (a RayJob created for this run).
             ray_address: ray_jobs: the Ray dashboard URL of the cluster, e.g. http://raycluster-head-svc:8265.
-            ray_workers: Ray workers: processes on CPU, worker pods with GPUs (kuberay); one Ray Train worker per GPU. 0: params.yaml's train.distributed.num_workers.
+            ray_workers: Ray workers: processes on CPU, worker pods with GPUs (kuberay); one Ray Train
+                worker per GPU. 0: params.yaml's train.distributed.num_workers.
             gpus_per_worker: GPUs per worker (in_pod: the pod's GPUs); 0 trains on CPU.
             zero_stage: DeepSpeed ZeRO stage 0-3. -1: params.yaml's train.distributed.zero_stage.
             worker_memory: kuberay: memory of each worker pod (a Kubernetes quantity).
-            node_selector: Node labels for the GPU training pods (in_pod: the task's pod; kuberay: the workers), e.g. {"nvidia.com/gpu.present": "true"}. Empty: none (kuberay: the template's for GPU workers).
-            tolerations: Tolerations for those pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}].
-            init_from: Warm start: models:/NAME@champion, models:/NAME/VERSION or a folder with model.safetensors + config.json. Empty: from scratch.
+            node_selector: Node labels for the GPU training pods (in_pod: the task's pod; kuberay: the
+                workers), e.g. {"nvidia.com/gpu.present": "true"}. Empty: none (kuberay: the template's
+                for GPU workers).
+            tolerations: Tolerations for those pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists",
+                "effect": "NoSchedule"}].
+            init_from: Warm start: models:/NAME@champion, models:/NAME/VERSION or a folder with
+                model.safetensors + config.json. Empty: from scratch.
             nfe_list: Step counts to evaluate, e.g. [1, 2, 4, 8]. Empty: params.yaml's evaluate.steps.
-            gate: Promotion gate thresholds (keys of params.yaml's registry.gate), e.g. {"min_rel_improvement": 0.05, "max": {"fid": 60}}. Empty: params.yaml's.
+            gate: Promotion gate thresholds (keys of params.yaml's registry.gate), e.g.
+                {"min_rel_improvement": 0.05, "max": {"fid": 60}}. Empty: params.yaml's.
             model_name: Registered model name in MLflow. Empty: params.yaml's registry.model_name.
-            mlflow_tracking_uri: The MLflow tracking server every task logs to. Empty: params.yaml's, else the task's MLFLOW_TRACKING_URI.
+            mlflow_tracking_uri: The MLflow tracking server every task logs to. Empty: params.yaml's, else
+                the task's MLFLOW_TRACKING_URI.
             mlflow_secret: Name of the Kubernetes Secret with the MLflow user (keys username, password).
-            s3_secret: Name of the Kubernetes Secret with the S3 key pair (keys access-key-id, secret-access-key; optional endpoint-url, region).
-            ray_token_secret: ray_jobs: name of the Kubernetes Secret with the Ray cluster's auth token (key token), if it uses token authentication.
+            s3_secret: Name of the Kubernetes Secret with the S3 key pair (keys access-key-id,
+                secret-access-key; optional endpoint-url, region).
+            ray_token_secret: ray_jobs: name of the Kubernetes Secret with the Ray cluster's auth token
+                (key token), if it uses token authentication.
         """
         fp = setup(ops["fingerprint"](
             data_source=data_source, data_root=data_root, params_profile=params_profile, params_set=params_set,

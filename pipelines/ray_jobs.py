@@ -19,7 +19,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from components.common.errors import Unreachable, UserError
 from pipelines.remote import train_command, working_dir
@@ -114,7 +113,3 @@ def failure_code(outcome: JobOutcome) -> int:
         return 75
     return 1
 
-
-def describe(outcome: JobOutcome) -> dict[str, Any]:
-    return {"submission_id": outcome.submission_id, "status": outcome.status, "driver_exit_code": outcome.exit_code,
-            "message": outcome.message}
