@@ -45,6 +45,21 @@ def _bad(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+def _cell(i: int, column: str, value) -> int | float:
+    """One request cell as its column's type (INPUT_COLUMNS): an integer (2.0 is 2: a JSON null elsewhere in the
+    column makes pandas store it as a float) or, for a "double" column, a finite number; else a 400 naming it."""
+    kind = "an integer" if INPUT_COLUMNS[column] == "long" else "a number"
+    if np.ndim(value) == 0 and pd.isna(value):
+        raise _bad(f"row {i}: column '{column}' is null; give {kind} or leave the column out for its default")
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+            and np.isfinite(value):
+        if INPUT_COLUMNS[column] == "double":
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    raise _bad(f"row {i}: column '{column}' must be {kind}; got {value!r}")
+
+
 class TimImageModel(mlflow.pyfunc.PythonModel):
     """Class-conditional image generation at any step count, from the version's EMA weights."""
 
@@ -66,13 +81,14 @@ class TimImageModel(mlflow.pyfunc.PythonModel):
         defaults = {"num_images": 1, "nfe": self.recommended_nfe, "guidance_scale": self.guidance_scale, "seed": 0}
         rows = []
         for i, row in enumerate(frame.to_dict("records")):
-            # A null cell (JSON null, NaN) means "use the default", like a missing column.
-            spec = {k: (row[k] if k in row and not pd.isna(row[k]) else v) for k, v in defaults.items()}
-            spec["label"] = row["label"]
+            # The model is logged without an input schema (register.signature_and_example), so every cell is
+            # checked here: a missing column means its default, a null or mistyped cell is refused by row.
+            spec = {k: (_cell(i, k, row[k]) if k in row else v) for k, v in defaults.items()}
+            spec["label"] = _cell(i, "label", row["label"])
             if spec["nfe"] is None:
                 raise _bad(f"row {i}: no nfe given and this version has no recommended NFE (its evaluation "
                            "had no finite score)")
-            label, n, nfe = int(spec["label"]), int(spec["num_images"]), int(spec["nfe"])
+            label, n, nfe = spec["label"], spec["num_images"], spec["nfe"]
             if not 0 <= label < self.model.num_classes:
                 raise _bad(f"row {i}: label {label} outside 0..{self.model.num_classes - 1}")
             if n < 1 or nfe < 1 or spec["guidance_scale"] < 0:

@@ -36,17 +36,23 @@ def pip_requirements() -> list[str]:
 
 
 def signature_and_example(recommended: int | None):
+    """(signature, input example, MLmodel metadata). The signature has the output schema only: with an input
+    schema MLflow's enforcement runs before the model and drops an unknown column silently (a 200 for a typo) and
+    refuses a null cell without naming its row. The model checks every column and cell itself (pyfunc._requests,
+    a 400 naming the row and column); the input columns are documented in the MLmodel metadata
+    (``input_columns``: type and whether required) and shown by the input example."""
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     from components.registry.pyfunc import INPUT_COLUMNS, OUTPUT_COLUMNS
 
-    inputs = Schema([ColSpec(kind, name, required=name == "label") for name, kind in INPUT_COLUMNS.items()])
     outputs = Schema([ColSpec(kind, name) for name, kind in OUTPUT_COLUMNS.items()])
     example = pd.DataFrame({"label": [0], "num_images": [2], "nfe": [recommended or 1], "guidance_scale": [1.0],
                             "seed": [0]})
-    return ModelSignature(inputs=inputs, outputs=outputs), example
+    metadata = {"input_columns": [{"name": name, "type": kind, "required": name == "label"}
+                                  for name, kind in INPUT_COLUMNS.items()]}
+    return ModelSignature(outputs=outputs), example, metadata
 
 
 def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path, out_file: str | Path | None,
@@ -76,7 +82,7 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
     tags = {RUN_TAG: run["run_id"], RECOMMENDED_TAG: str(recommended or "none"), "tim.code.version": commit,
             "tim.code.dirty": str(dirty).lower(), "tim.data.version": str(run.get("data_version", "unknown")),
             **ev.tags()}
-    signature, example = signature_and_example(recommended)
+    signature, example, metadata = signature_and_example(recommended)
 
     with tempfile.TemporaryDirectory(prefix="tim-register-") as tmp, tracking.active():
         artifact = Path(tmp) / "tim_model"
@@ -87,7 +93,7 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
             info = mlflow.pyfunc.log_model(
                 name="registry_model", python_model=str(PYFUNC_FILE), artifacts={"tim_model": str(artifact)},
                 code_paths=[str(Path(tim_core.__file__).parent)], pip_requirements=pip_requirements(),
-                signature=signature, input_example=example,
+                signature=signature, input_example=example, metadata=metadata,
                 model_config={"recommended_nfe": recommended, "guidance_scale": ev.cfg_scale,
                               "max_images_per_request": params.max_images_per_request})
         version = mlflow.register_model(info.model_uri, params.model_name, tags=tags)

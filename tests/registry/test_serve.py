@@ -29,9 +29,12 @@ BAD_REQUESTS = [
     (["label", "num_images"], [[1, 0]], "row 0: num_images and nfe must be >= 1"),
     (["label", "num_images"], [[1, 200], [0, 50], [2, 7]], "row 2: num_images 7 brings the request to 257 images"),
     (["label", "num_images"], [[1, 257]], "row 0: num_images 257"),
-    # The scoring server checks columns against the signature before the model sees them: a missing label is
-    # its 400; an unknown column it drops with a warning (200), so that one is checked in test_pyfunc.py only.
-    (["num_images", "seed"], [[1, 2]], "Model is missing inputs ['label']"),
+    # The model checks columns and cells itself (its signature has no input schema, whose enforcement would drop
+    # an unknown column with a 200 and refuse a null without naming the row).
+    (["num_images", "seed"], [[1, 2]], "column 'label' is required"),
+    (["label", "colour"], [[1, "red"]], "unknown column(s) 'colour'"),
+    (["label", "nfe"], [[1, 2], [0, None]], "row 1: column 'nfe' is null"),
+    (["label", "nfe"], [[1, "four"]], "row 0: column 'nfe' must be an integer; got 'four'"),
 ]
 
 
