@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import yaml
 from PIL import Image
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from components.registry.lease import LEASE_TAG
 from tests.registry.conftest import SIZE, free_port
 
 BIN = Path(sys.executable).parent
@@ -71,24 +74,45 @@ def test_tim_generate_uses_the_recommended_nfe(champion, tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (3 * SIZE, SIZE)
 
 
-def test_cli_bad_input_exits_2_and_an_unreachable_store_75(champion, tmp_path):
-    _, name, params = champion
-    unreachable = tmp_path / "params.yaml"
+def test_cli_bad_input_exits_2_an_unreachable_store_and_a_held_lease_75(champion, tmp_path):
+    """Three `tim` processes at once (each pays the imports once, in parallel): a dangling alias (2), an
+    unreachable registry (75), and a promotion that finds the lease held by another live promotion (75, naming
+    the holder and the lease tag). The lease is written beforehand, as a live holder leaves it: no race."""
+    store, name, params = champion
+    unreachable, contended = tmp_path / "params.yaml", tmp_path / "contended.yaml"
     config = yaml.safe_load(params.read_text())
     config["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
     unreachable.write_text(yaml.safe_dump(config))
+    config = yaml.safe_load(params.read_text())
+    config["registry"]["lock"]["wait_s"] = 1
+    contended.write_text(yaml.safe_dump(config))
+    holder = "other-host:4242:deadbeef"
+    lease = json.dumps({"owner": holder, "expires": time.time() + 600})
+    client = store.client()
+    client.set_registered_model_tag(name, LEASE_TAG, lease)
     runs = {
         "alias": [str(BIN / "tim"), "generate", "--params", str(params), "--model", f"models:/{name}@nowhere",
                   "--label", "1", "--out", str(tmp_path / "x.png")],
         "registry": [str(BIN / "tim"), "rollback", "--params", str(unreachable), "--out", str(tmp_path / "r.json")],
+        "lease": [str(BIN / "tim"), "promote", "--params", str(contended), "--version", "1", "--out",
+                  str(tmp_path / "d.json")],
     }
-    procs = {k: subprocess.Popen(v, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, v in runs.items()}  # together: each pays the imports once, in parallel
-    results = {k: (p.wait(timeout=120), p.stderr.read()) for k, p in procs.items()}
+    try:
+        procs = {k: subprocess.Popen(v, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k, v in runs.items()}
+        results = {k: (p.wait(timeout=120), p.stderr.read()) for k, p in procs.items()}
+        tag = client.get_registered_model(name).tags.get(LEASE_TAG)
+    finally:
+        client.delete_registered_model_tag(name, LEASE_TAG)
     assert results["alias"][0] == 2 and "error: models:/tim-served@nowhere" in results["alias"][1]
     assert results["registry"][0] == 75 and "unreachable" in results["registry"][1]  # retryable
-    assert "Traceback" not in results["alias"][1] + results["registry"][1]
-    assert not (tmp_path / "x.png").exists() and not (tmp_path / "r.json").exists()
+    code, stderr = results["lease"]
+    assert code == 75, stderr
+    error = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and holder in error[0] and LEASE_TAG in error[0] and "after waiting 1 s" in error[0], stderr
+    assert "Traceback" not in results["alias"][1] + results["registry"][1] + stderr
+    assert not any((tmp_path / f).exists() for f in ("x.png", "r.json", "d.json"))
+    assert tag == lease  # the live holder's lease is left as it was
 
 
 def test_mlflow_models_serve_answers_with_images(champion, tmp_path):
