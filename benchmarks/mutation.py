@@ -3,12 +3,18 @@ not run in CI). A small AST mutator (no dependency): each mutant changes one ope
 into a throw-away copy of the project, and the core tests run on it; a mutant the tests do not fail "survives".
 
   .venv/bin/python benchmarks/mutation.py [--per-file 20] [--seed 0] [--jobs 2] [--out benchmarks/results/mutation.md]
+  .venv/bin/python benchmarks/mutation.py --sites transports.py:212,objective.py:68   # re-check given mutants
+
+--sites runs only the named mutants (FILE:SITE, the "site" column of the results table; FILE a target's name or
+path) and prints a markdown table of them with the first failing test of each killed one; the results file is
+left as it is.
 
 Operators: comparison flips (< <=, > >=, == !=), arithmetic swaps (+ -, * /), a numeric constant changed
 (0 <-> 1, n -> n + 1, x -> 2x for floats), True <-> False, a unary minus dropped. Mutants are sampled (the
 full set takes hours on 2 cores): --per-file of each file, seeded. The test run per mutant uses the fast core
 tests (test_transports, test_objective, test_sampler, test_model; test_learning trains for 30 s and is left out)
-with -x and a 120 s limit (a timeout counts as killed: the mutant made the code hang).
+with -x and a 120 s limit (--timeout; a timeout counts as killed: the mutant made the code hang, or the machine
+is too loaded for the limit, so raise it there).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Mutant:
     change: str
     status: str = ""
     seconds: float = 0.0
+    failure: str = ""  # the first FAILED line of a killed mutant's test run
 
 
 class Sites(ast.NodeTransformer):
@@ -118,6 +125,16 @@ def mutated_source(file: str, index: int) -> tuple[str, int, str]:
     return ast.unparse(tree), *walker.done
 
 
+def site(spec: str, totals: dict[str, int]) -> tuple[str, int, int, str]:
+    """"objective.py:68" (or "tim_core/objective.py:68") -> the Mutant fields (file, index, line, change)."""
+    name, _, index = spec.strip().rpartition(":")
+    files = [f for f in TARGETS if name in (f, Path(f).name)]
+    if not files or not index.isdigit() or int(index) >= totals[files[0]]:
+        sys.exit(f"bad site {spec!r}: FILE:SITE with FILE one of {', '.join(TARGETS)} and SITE below its count "
+                 f"({', '.join(f'{Path(f).name} {n}' for f, n in totals.items())})")
+    return files[0], int(index), 0, ""
+
+
 def run_mutant(m: Mutant, timeout_s: float) -> Mutant:
     with tempfile.TemporaryDirectory(prefix="tim-mutant-") as tmp:
         root = Path(tmp)
@@ -135,6 +152,8 @@ def run_mutant(m: Mutant, timeout_s: float) -> Mutant:
             res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
                                  cwd=root, capture_output=True, text=True, timeout=timeout_s)
             m.status = "survived" if res.returncode == 0 else "killed"
+            m.failure = next((line for line in res.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))),
+                             "")
         except subprocess.TimeoutExpired:
             m.status = "killed (timeout)"
         m.seconds = time.monotonic() - start
@@ -147,7 +166,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=120)
-    ap.add_argument("--only", nargs="*", help="FILE:INDEX mutants to run (re-check survivors)")
+    ap.add_argument("--sites", nargs="+", help="FILE:SITE mutants to run, comma- or space-separated (re-check)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mutation.md")
     args = ap.parse_args()
 
@@ -159,13 +178,13 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     totals = {f: sites(f) for f in TARGETS}
-    if args.only:
-        chosen = [Mutant(f, int(i), 0, "") for f, i in (s.rsplit(":", 1) for s in args.only)]
+    if args.sites:
+        chosen = [Mutant(*site(spec, totals)) for item in args.sites for spec in item.split(",") if spec]
     else:
         chosen = [Mutant(f, i, 0, "") for f in TARGETS
                   for i in sorted(rng.sample(range(totals[f]), min(args.per_file, totals[f])))]
     # The copy layout and the unparsed sources must pass too, else "killed" would mean nothing.
-    nulls = [run_mutant(Mutant(f, -1, 0, ""), args.timeout) for f in TARGETS]
+    nulls = [run_mutant(Mutant(f, -1, 0, ""), args.timeout) for f in TARGETS if f in {m.file for m in chosen}]
     if any(m.status != "survived" for m in nulls):
         sys.exit(f"unmutated code fails in the mutant layout: {[(m.file, m.status) for m in nulls]}")
     start = time.monotonic()
@@ -175,6 +194,14 @@ def main() -> None:
     for m in done:
         print(f"{m.status:>16}  {m.file}:{m.line}  (site {m.index}) {m.change}  {m.seconds:.0f} s", flush=True)
     killed = sum(m.status.startswith("killed") for m in done)
+    if args.sites:
+        names = ",".join(f"{Path(m.file).name}:{m.index}" for m in done)
+        print(f"\n`.venv/bin/python benchmarks/mutation.py --sites {names}`: {killed}/{len(done)} killed, "
+              f"{wall / 60:.1f} min on {args.jobs} workers.\n")
+        print("| status | where | site | change | first failing test |\n|---|---|---|---|---|")
+        for m in done:
+            print(f"| {m.status} | `{m.file}:{m.line}` | {m.index} | `{m.change}` | {m.failure[:160]} |")
+        return
     lines = [
         "# Mutation check of tim_core (transports, objective, sampler) against tests/core",
         "",

@@ -2,14 +2,20 @@
 weights on every path, the flow-matching time samplers, the directional term, model guidance, bad input."""
 
 import math
-import warnings
 from statistics import NormalDist
 
 import pytest
 import torch
 
-from tim_core import (TRANSPORTS, FlowMatchingLoss, MeanFlowLoss, TransitionLoss, build_model, build_objective,
-                      get_transport)
+from tim_core import (
+    TRANSPORTS,
+    FlowMatchingLoss,
+    MeanFlowLoss,
+    TransitionLoss,
+    build_model,
+    build_objective,
+    get_transport,
+)
 
 from .toy import ToyNet
 
@@ -395,3 +401,94 @@ def test_rows_whose_label_was_dropped_are_not_guided():
                              model_guidance_interval=(0.0, 1.0))
     _, logs = loss_fn(LabelShift(), x, labels, generator=torch.Generator().manual_seed(0), guide_net=guide)
     assert guide.calls == [] and logs["share_guided"] == 0.0
+
+
+# Each path's data scale at its defaults, and its OT-FM-equivalent time u(t) in closed form (sigma / (alpha + sigma)).
+DEFAULT_DATA_SCALE = {"ot_fm": 1.0, "trigflow": 0.5, "edm": 0.5, "vp": 1.0, "ve": 1.0}
+OT_TIME = {"ot_fm": lambda t: t, "trigflow": lambda t: torch.sin(t) / (torch.sin(t) + torch.cos(t)),
+           "edm": lambda t: t / (1 + t), "vp": lambda t: _vp_b(t) / (1 + _vp_b(t)), "ve": lambda t: t / (1 + t)}
+
+
+def _vp_b(t):
+    return torch.sqrt(torch.expm1(0.5 * 19.9 * t * t + 0.1 * t))
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_time_weights_at_each_paths_defaults_follow_their_closed_forms(transport):
+    """get_transport(name) with no arguments: the data scale sigma_d is the path's documented default, and the
+    sqrt and soft-min-SNR weights equal their closed forms written with that number (not read back from the
+    transport): (sd + tan u_t - tan u_r)^(-1/2) and 1 / ((tan u_t - tan u_r)^2 + sd^2)."""
+    T, sd = get_transport(transport), DEFAULT_DATA_SCALE[transport]
+    assert T.sigma_d == sd
+    t = torch.linspace(T.T_min, T.T_max, 33, dtype=torch.float64)[1:]
+    r = T.T_min + torch.linspace(0.0, 0.9, 32, dtype=torch.float64) * (t - T.T_min)  # r = T_min .. 0.9 t, and t
+    r = torch.cat([r, t])
+    t = torch.cat([t, t])
+    delta = torch.tan(OT_TIME[transport](t)) - torch.tan(OT_TIME[transport](r))
+    sqrt_w = TransitionLoss(T, label_dropout=0.0).time_weight(t, r)
+    assert torch.allclose(sqrt_w, (sd + delta) ** -0.5, rtol=1e-10)
+    assert torch.allclose(sqrt_w[32:], torch.full((32,), sd ** -0.5, dtype=torch.float64), rtol=1e-12)  # r = t
+    soft = TransitionLoss(T, weighting="soft_min_snr", label_dropout=0.0).time_weight(t, r)
+    assert torch.allclose(soft, 1 / (delta ** 2 + sd ** 2), rtol=1e-10)
+    assert torch.allclose(soft[32:], torch.full((32,), sd ** -2, dtype=torch.float64), rtol=1e-12)
+
+
+def test_soft_min_snr_weight_with_the_snr_tau_is_its_closed_form():
+    """OT-FM, tau(u) = u / (1 - u): at t = 0.75, r = 0.5 the difference is 3 - 1 = 2, so w = 1 / (4 + 1) = 0.2."""
+    loss_fn = TransitionLoss(get_transport("ot_fm"), weighting="soft_min_snr", weight_tau="snr", label_dropout=0.0)
+    w = loss_fn.time_weight(torch.tensor([0.75, 0.5, 0.75], dtype=torch.float64),
+                            torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    assert torch.allclose(w, torch.tensor([0.2, 1.0, 0.1], dtype=torch.float64), rtol=1e-12)
+
+
+def test_adaptive_loss_is_each_rows_loss_over_its_stopped_value_plus_c():
+    """adaptive: each row's term is L / (sg(L) + c): its value L / (L + c), its gradient grad(L) / (L + c).
+    Diffusion rows only and constant weighting, so L is the plain MSE to h_t; c = 0.5 makes the sign of c
+    visible (L / (L - c) would differ by a factor, not by 1e-5)."""
+    T = get_transport("ot_fm")
+    n, c = 6, 0.5
+    x, labels = torch.randn(n, 1, 4, 4, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
+    net = PixelScale((1, 4, 4)).double()
+    loss_fn = TransitionLoss(T, diffusion_ratio=1.0, consistency_ratio=0.0, weighting="constant", adaptive=True,
+                             adaptive_c=c, label_dropout=0.0)
+    loss, _ = loss_fn(net, x, labels, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(loss, net.w)
+    # The same draws as the objective: (t, r) first, then eps.
+    g = torch.Generator().manual_seed(0)
+    t, r, n_diff = loss_fn.sample_pairs(n, generator=g)
+    assert n_diff == n and torch.equal(t, r)
+    eps = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    t = t.to(x.dtype)
+    h = T.diffusion_target(x, eps, t)
+    rows = [((net.w * T.path(x[i], eps[i], t[i]) - h[i]) ** 2).mean() for i in range(n)]
+    values = torch.stack([row.detach() for row in rows])
+    assert loss.item() == pytest.approx((values / (values + c)).mean().item(), rel=1e-12)
+    assert values.min() > 0.05  # rows of the size of c: the closed form is not near a limit
+    expected = sum(torch.autograd.grad(row, net.w)[0] / (v + c) for row, v in zip(rows, values)) / n
+    assert torch.allclose(grad, expected, rtol=1e-10, atol=0)
+
+
+def test_labels_shape_error_is_the_whole_message():
+    T = get_transport("ot_fm")
+    with pytest.raises(ValueError) as e:
+        TransitionLoss(T, label_dropout=0.0)(ToyNet(), torch.randn(4, 2), torch.zeros(3, dtype=torch.long))
+    assert str(e.value) == "labels must have shape (4,) to match x of shape (4, 2); got (3,)"
+
+
+def test_meanflow_at_its_defaults_keeps_its_jvp_in_fp32_under_bf16_autocast():
+    """The default MeanFlow objective (build_objective("meanflow")) called inside torch.autocast(bf16): its
+    target, whose dF/dt comes from a JVP, is bit-identical to the fp32 target. Measured (tiny net, t = 0.5,
+    r = 0.2): a JVP that follows autocast (fp32_derivative=False) is 1e-2 off in dF/dt, 2.4e-3 in the target."""
+    T, net = get_transport("ot_fm"), randomized_tiny(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    eps, labels = torch.randn(x.shape, generator=g), torch.zeros(8, dtype=torch.long)
+    t, r = torch.full((8,), 0.5), torch.full((8,), 0.2)
+    mf = build_objective("meanflow", T, null_label=10)
+    assert mf.derivative == "jvp"
+    plain_dF, plain = mf._dF_dt_jvp(net, x, eps, t, r, labels), mf.target(net, x, eps, t, r, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_dF, under = mf._dF_dt_jvp(net, x, eps, t, r, labels), mf.target(net, x, eps, t, r, labels)
+        bf16_dF = MeanFlowLoss(T, null_label=10, fp32_derivative=False)._dF_dt_jvp(net, x, eps, t, r, labels)
+    assert under_dF.dtype == torch.float32 and torch.equal(under_dF, plain_dF) and torch.equal(under, plain)
+    assert (bf16_dF - plain_dF).norm() / plain_dF.norm() > 1e-3  # what the default protects against
