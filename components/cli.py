@@ -54,7 +54,8 @@ def tracking(src: ParamsSource):
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     # Our own progress at INFO; libraries (great_expectations is chatty) only when they warn, unless -v.
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("components").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -107,8 +108,34 @@ def shard(
 
 
 @app.command()
+def encode(
+    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard` (the images)."),
+    out: Path = typer.Option(Path("data/encoded"), help="Output folder: the shards training reads (latents with "
+                                                         "vae/, or the images linked), index.json."),
+    params: Path = PARAMS, profile: str = PROFILE, set_: list[str] = SET,
+) -> None:
+    """Encode the image shards into VAE latent shards (encode.vae), or pass the images on (no VAE)."""
+    from components.data.encode import EncodeParams
+    from components.data.encode import encode as stage
+
+    stage(source(params, profile, set_).load("encode", EncodeParams), shards, out)
+
+
+@app.command("standin-vae")
+def standin_vae(
+    out: Path = typer.Option(Path("models/standin-vae"), help="Output folder (a diffusers AutoencoderKL)."),
+    channels: int = typer.Option(1, help="Image channels (1: the bundled digits)."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+) -> None:
+    """Write a small random-weight VAE that stands in for a downloaded one, to try the latent path offline."""
+    from components.data.encode import standin_vae as make
+
+    print(make(out, channels, seed))
+
+
+@app.command()
 def train(
-    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard`."),
+    shards: Path = typer.Option(Path("data/encoded"), help="Output of `tim encode` (latents or images)."),
     out: Path = typer.Option(Path("models/tim"), help="Output folder: EMA weights (model.safetensors, config.json)."),
     run_file: Path = typer.Option(Path("models/train_run.json"), help="JSON naming the MLflow run and final step."),
     params: Path = PARAMS, profile: str = PROFILE, set_: list[str] = SET,
@@ -175,7 +202,8 @@ def evaluate(
 
 @app.command()
 def compare(
-    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard`."),
+    data: Path = typer.Option(Path("data/encoded"), help="Training data: output of `tim encode`."),
+    shards: Path = typer.Option(Path("data/shards"), help="Output of `tim shard` (evaluation reference)."),
     evaluator: Path = typer.Option(Path("models/evaluator"), help="Output of `tim train-evaluator`."),
     out: Path = typer.Option(Path("runs/compare"), help="Output folder: a model and evaluation per objective, "
                                                          "table.md, fid_vs_nfe.png."),
@@ -186,7 +214,8 @@ def compare(
     from components.evaluation.compare import compare as stage
 
     src = source(params, profile, set_)
-    print(stage(src.load("compare", CompareParams), src, shards, evaluator, out, tracking=tracking(src)))
+    print(stage(src.load("compare", CompareParams), src, shards, evaluator, out, tracking=tracking(src),
+                data_dir=data))
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Read the shards written by `tim shard`: index, integrity check, and a torch IterableDataset.
+"""Read the shards written by `tim shard` (images) or `tim encode` (images or VAE latents): index, integrity check,
+and a torch IterableDataset.
 
 How readers split the data: every (rank, DataLoader worker) pair is one reader; there are
 ``world_size * num_workers`` of them. All readers agree on a per-epoch shard order (seeded).
@@ -67,7 +68,16 @@ def verify_shards(shard_dir: str | Path, split: str | None = None) -> None:
                 )
 
 
+def sample_shape(index: dict[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of the samples: the latents' of an encoded index, else the images'."""
+    entry = index.get("latent") or index["image"]
+    return entry["channels"], entry["height"], entry["width"]
+
+
 def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """A latent (``npy``: float32 [C, h, w], stored as the model sees it) or a PNG image mapped to [-1, 1]."""
+    if "npy" in sample:
+        return torch.from_numpy(np.load(io.BytesIO(sample["npy"]), allow_pickle=False)), int(sample["cls"])
     array = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.uint8)
     array = array if array.ndim == 3 else array[:, :, None]
     image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
@@ -75,7 +85,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
 
 
 class ShardDataset(IterableDataset):
-    """Yields ``(image float32 [C,H,W] in [-1, 1], label int)`` from one split's shards.
+    """Yields ``(sample float32 [C,H,W], label int)`` from one split's shards: an image in [-1, 1] or a latent.
 
     ``repeat=True`` cycles forever (step-based training), reshuffling shard order every pass;
     otherwise one pass per iteration, and ``set_epoch`` changes the shuffle between epochs.
@@ -102,7 +112,7 @@ class ShardDataset(IterableDataset):
             verify_shards(shard_dir, split)
         self.urls = [str(self.shard_dir / s["name"]) for s in entry["shards"]]
         self.num_samples: int = entry["count"]
-        self.image_shape = (index["image"]["channels"], index["image"]["height"], index["image"]["width"])
+        self.sample_shape = sample_shape(index)
         self.classes: list[str] = index["classes"]
         self.split, self.shuffle_buffer, self.seed = split, shuffle_buffer, seed
         self.rank, self.world_size, self.repeat = rank, world_size, repeat

@@ -1,6 +1,6 @@
 """`tim compare`: flow matching, MeanFlow and TiM side by side, with the same network, data, seed and budget.
 
-  tim compare --shards data/shards --evaluator models/evaluator --out runs/compare [--profile ..] [--set ..]
+  tim compare --data data/encoded --shards data/shards --evaluator models/evaluator --out runs/compare [..]
 
 Each run (flow matching with each of its time samplings, MeanFlow, TiM) is trained through the train stage's own
 function (its own export and Ray storage folder, its own MLflow run), then evaluated by the evaluate stage at the
@@ -102,8 +102,9 @@ def table(results: dict[str, dict]) -> str:
 
 
 def compare(params: CompareParams, source: ParamsSource, shard_dir: str | Path, evaluator_dir: str | Path,
-            out_dir: str | Path, *, tracking: Tracking) -> str:
-    """Train and evaluate every objective alike; writes ``out_dir`` and returns the markdown table."""
+            out_dir: str | Path, *, tracking: Tracking, data_dir: str | Path | None = None) -> str:
+    """Train (on ``data_dir``, `tim encode`'s output; default the image shards) and evaluate (on the image
+    shards) every objective alike; writes ``out_dir`` and returns the markdown table."""
     import pandas as pd
 
     from components.train.stage import train
@@ -120,7 +121,7 @@ def compare(params: CompareParams, source: ParamsSource, shard_dir: str | Path, 
             "objective": {"name": objective, "params": objective_params},
             "distributed": {"storage_path": str((folder / "ray").resolve())}}), f"{where} (train, {name})")
         log.info("compare: training %s", name)
-        train(train_params, shard_dir, folder / "model", folder / "train_run.json", tracking=tracking,
+        train(train_params, data_dir or shard_dir, folder / "model", folder / "train_run.json", tracking=tracking,
               project_dir=source.project_dir)
         log.info("compare: evaluating %s", name)
         results[name] = evaluate(eval_params, str(folder / "model"), evaluator_dir, shard_dir,

@@ -120,12 +120,14 @@ def model_folder(source: str, tracking_uri: str) -> Iterator[tuple[Path, str | N
         yield Path(path), run_id
 
 
-def load_model(folder: Path) -> tuple[tim_core.TiM, tim_core.Transport, dict]:
+def load_model(folder: Path) -> tuple[tim_core.TiM, tim_core.Transport, dict, tim_core.LatentSpace | None]:
+    """The network, its path, its config and the VAE it decodes with (None for a pixel model)."""
     try:
         model, transport = tim_core.load_pretrained(folder)
+        latent = tim_core.load_latent_space(folder)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelError(f"{folder}: {e}") from None
-    return model, transport, json.loads((folder / "config.json").read_text())
+    return model, transport, json.loads((folder / "config.json").read_text()), latent
 
 
 def objective_of(config: dict, tracking_uri: str, run_id: str | None) -> str | None:
@@ -171,13 +173,15 @@ def scale_key(scale: float) -> str:
 
 
 def generate(model: tim_core.TiM, transport: tim_core.Transport, labels: Tensor, noise: Tensor, steps: int,
-             cfg_scale: float, p: EvaluateParams, mode: str, desc: str) -> tuple[Tensor, int, float]:
-    """Samples for ``labels`` from ``noise`` in batches: (images, honest NFE per sample, seconds per image)."""
+             cfg_scale: float, p: EvaluateParams, mode: str, desc: str,
+             latent: tim_core.LatentSpace | None = None) -> tuple[Tensor, int, float]:
+    """Images for ``labels`` from ``noise`` in batches (decoded by ``latent`` for a latent model): (images,
+    honest NFE per sample, seconds per image, decoding included)."""
     out, nfe, started = [], 0, time.perf_counter()
     for i in tqdm(range(0, len(labels), p.batch_size), desc=desc, leave=False):
         result = tim_core.sample(model, noise[i:i + p.batch_size], labels[i:i + p.batch_size], steps,
                                  transport=transport, cfg_scale=cfg_scale, mode=mode)
-        out.append(result.samples)
+        out.append(latent.decode(result.samples) if latent is not None else result.samples)
         nfe = result.nfe
     return torch.cat(out), nfe, (time.perf_counter() - started) / len(labels)
 
@@ -242,7 +246,8 @@ def fid_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
 
 # --- the stage ------------------------------------------------------------------------------------------------
 def evaluate_model(model: tim_core.TiM, transport: tim_core.Transport, space: FeatureSpace, p: EvaluateParams,
-                   mode: str, weights: str, seeds: list[int], scales: list[float]) -> list[dict]:
+                   mode: str, weights: str, seeds: list[int], scales: list[float],
+                   latent: tim_core.LatentSpace | None = None) -> list[dict]:
     classes = p.classes if p.classes is not None else list(range(model.num_classes))
     labels = torch.tensor(classes).repeat_interleave(p.samples_per_class)
     shape = (len(labels), model.in_channels, *model.input_size)
@@ -252,7 +257,8 @@ def evaluate_model(model: tim_core.TiM, transport: tim_core.Transport, space: Fe
         for scale in scales:
             for steps in p.steps:
                 images, nfe, spi = generate(model, transport, labels, noise, steps, scale, p, mode,
-                                            desc=f"{weights} seed {seed} guidance {scale:g} {steps} steps")
+                                            desc=f"{weights} seed {seed} guidance {scale:g} {steps} steps",
+                                            latent=latent)
                 rows.append({"weights": weights, "cfg_scale": scale, "seed": seed, "steps": steps, "nfe": nfe,
                              **space.measure(images, labels), "sec_per_image": spi})
                 log.info("%s seed %d guidance %g: %d steps (NFE %d) FID %.2f acc %.3f", weights, seed, scale, steps,
@@ -295,10 +301,16 @@ def evaluate(params: EvaluateParams, model_source: str, evaluator_dir: str | Pat
     log.info("floor (val vs train): FID %.2f, accuracy %.3f", floor["fid"], floor["accuracy"])
 
     with model_folder(model_source, tracking_uri) as (folder, uri_run_id):
-        model, transport, config = load_model(folder)
-        # The train stage exports the raw (non-EMA) weights beside the EMA ones, in raw/.
+        model, transport, config, latent = load_model(folder)
+        # The train stage exports the raw (non-EMA) weights beside the EMA ones, in raw/ (with the same VAE).
         has_raw = params.raw_weights and (folder / RAW_DIR / "config.json").is_file()
         raw = load_model(folder / RAW_DIR)[0] if has_raw else None
+    image_shape = (latent.image_channels, *(s * latent.factor for s in model.input_size)) if latent else (
+        model.in_channels, *model.input_size)
+    if image_shape != tuple(val_x.shape[1:]):
+        raise ModelError(f"{model_source}: makes images of shape {image_shape}"
+                         f"{' (decoded by its VAE)' if latent else ''}, the images in {shard_dir} are "
+                         f"{tuple(val_x.shape[1:])}: evaluate on the shards the model's data was made from")
     if params.classes is not None and not all(0 <= c < model.num_classes for c in params.classes):
         raise ModelError(f"evaluate.classes {params.classes} outside the model's 0..{model.num_classes - 1}")
     if evaluator.config["num_classes"] != model.num_classes:
@@ -311,9 +323,9 @@ def evaluate(params: EvaluateParams, model_source: str, evaluator_dir: str | Pat
         log.warning("the model does not record its training objective; sampling in transition mode")
 
     seeds, base = [params.seed + i for i in range(params.noise_seeds)], params.cfg_scales[0]
-    rows = evaluate_model(model, transport, space, params, mode, "ema", seeds, params.cfg_scales)
+    rows = evaluate_model(model, transport, space, params, mode, "ema", seeds, params.cfg_scales, latent)
     if raw is not None:  # the EMA-vs-raw check needs one seed at the base scale
-        rows += evaluate_model(raw, transport, space, params, mode, "raw", seeds[:1], [base])
+        rows += evaluate_model(raw, transport, space, params, mode, "raw", seeds[:1], [base], latent)
 
     def ema_at(scale: float) -> list[dict]:
         return [r for r in rows if r["weights"] == "ema" and r["cfg_scale"] == scale]
@@ -333,7 +345,7 @@ def evaluate(params: EvaluateParams, model_source: str, evaluator_dir: str | Pat
         curves[f"raw weights, guidance {base:g}"] = fid_curve([r for r in rows if r["weights"] == "raw"])
 
     grid = nfe_grid(model, transport, params.grid_steps, per_class=params.grid_per_class,
-                    cfg_scale=base, seed=params.seed, mode=mode)
+                    cfg_scale=base, seed=params.seed, mode=mode, latent=latent)
     with atomic_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
         pd.DataFrame(rows).to_csv(tmp / "per_nfe.csv", index=False)

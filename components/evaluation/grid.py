@@ -38,9 +38,9 @@ class SamplesParams(StageParams):
 @torch.no_grad()
 def nfe_grid(model: tim_core.TiM, transport: tim_core.Transport, steps: list[int], per_class: int = 8,
              cfg_scale: float = 1.0, seed: int = 0, device: str | torch.device = "cpu", mode: str = "transition",
-             classes: int | None = None) -> Image.Image:
+             classes: int | None = None, latent: tim_core.LatentSpace | None = None) -> Image.Image:
     """Samples of every class (or of ``classes`` evenly spaced ones) at each step count, side by side; the
-    label shows the honest NFE."""
+    label shows the honest NFE. A model of ``latent`` space has its samples decoded to images."""
     model = model.to(device).eval()
     rows = min(model.num_classes, classes or model.num_classes)
     labels = torch.linspace(0, model.num_classes - 1, rows).round().long().repeat_interleave(per_class)
@@ -50,7 +50,8 @@ def nfe_grid(model: tim_core.TiM, transport: tim_core.Transport, steps: list[int
     for n in steps:
         result = tim_core.sample(model, noise.to(device), labels.to(device), n, transport=transport,
                                  cfg_scale=cfg_scale, mode=mode)
-        panel = Image.fromarray(image_grid(result.samples.float().cpu().numpy(), rows=rows)).convert("RGB")
+        images = latent.decode(result.samples.float()) if latent is not None else result.samples.float()
+        panel = Image.fromarray(image_grid(images.cpu().numpy(), rows=rows)).convert("RGB")
         framed = Image.new("RGB", (panel.width, panel.height + HEADER), "white")
         framed.paste(panel, (0, HEADER))
         ImageDraw.Draw(framed).text((2, 1), f"{n} step{'s' * (n > 1)}, NFE {result.nfe}", fill="black")
@@ -70,7 +71,7 @@ def samples(params: SamplesParams, model_dir: str | Path, out_dir: str | Path) -
     try:
         model, transport = tim_core.load_pretrained(model_dir)
         image = nfe_grid(model, transport, params.steps, per_class=params.per_class, cfg_scale=params.cfg_scale,
-                         seed=params.seed)
+                         seed=params.seed, latent=tim_core.load_latent_space(model_dir))
     except (FileNotFoundError, ValueError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
     with atomic_dir(out_dir) as tmp:

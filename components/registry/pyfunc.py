@@ -1,7 +1,9 @@
 """The registered TiM as an MLflow pyfunc: one row asks for images of one class at one step count.
 
 Logged as "model from code" (MLflow stores this file and runs it at load time), so it imports only tim_core,
-torch, numpy, pandas, PIL and mlflow, never the training stack; tim_core travels with the model as a code path.
+torch, numpy, pandas, PIL and mlflow (and diffusers, through tim_core, for a model trained on latents, whose
+samples it decodes with the VAE registered beside the weights), never the training stack; tim_core travels with
+the model as a code path.
 
 Input (pandas DataFrame; only ``label`` is required):
   label (int), num_images (int, default 1), nfe (int: transitions per image, default the version's recommended
@@ -26,7 +28,7 @@ from PIL import Image
 import tim_core
 from tim_core.images import to_uint8
 
-MODEL_ARTIFACT = "tim_model"   # the artifact folder: model.safetensors + config.json (tim_core.save_pretrained)
+MODEL_ARTIFACT = "tim_model"   # model.safetensors + config.json (+ vae/ for a latent model): tim_core.save_pretrained
 INPUT_COLUMNS = {"label": "long", "num_images": "long", "nfe": "long", "guidance_scale": "double", "seed": "long"}
 OUTPUT_COLUMNS = {"request": "long", "index": "long", "label": "long", "nfe": "long", "network_evals": "long",
                   "seed": "long", "width": "long", "height": "long", "image": "string"}
@@ -65,6 +67,7 @@ class TimImageModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.model, self.transport = tim_core.load_pretrained(context.artifacts[MODEL_ARTIFACT])
+        self.latent = tim_core.load_latent_space(context.artifacts[MODEL_ARTIFACT])  # None: a pixel model
         config = context.model_config or {}
         self.recommended_nfe = config.get("recommended_nfe")
         self.guidance_scale = float(config.get("guidance_scale", 1.0))
@@ -111,10 +114,11 @@ class TimImageModel(mlflow.pyfunc.PythonModel):
             labels = torch.full((spec["num_images"],), spec["label"], dtype=torch.long)
             result = tim_core.sample(m, noise, labels, spec["nfe"], transport=self.transport,
                                      cfg_scale=spec["guidance_scale"])
-            for index, image in enumerate(result.samples.float().numpy()):
+            images = self.latent.decode(result.samples) if self.latent is not None else result.samples
+            for index, image in enumerate(images.float().numpy()):
                 out.append({"request": request, "index": index, "label": spec["label"], "nfe": spec["nfe"],
-                            "network_evals": result.nfe, "seed": spec["seed"], "width": m.input_size[1],
-                            "height": m.input_size[0], "image": to_png(image)})
+                            "network_evals": result.nfe, "seed": spec["seed"], "width": image.shape[-1],
+                            "height": image.shape[-2], "image": to_png(image)})
         return pd.DataFrame(out, columns=list(OUTPUT_COLUMNS))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from components.common.errors import ModelError, RegistryError
 from components.common.files import write_json
-from components.common.layout import MODEL_FILES
+from components.common.layout import MODEL_FILES, VAE_DIR
 from components.common.tracking import Tracking, git_commit
 from components.registry.client import RECOMMENDED_TAG, RUN_TAG, RegistryParams, evaluation, recommended_nfe
 
@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
 # What `mlflow models serve --env-manager virtualenv|conda` installs; pinned to what this process runs.
 REQUIREMENTS = ("torch", "safetensors", "pillow", "numpy", "pandas")
+LATENT_REQUIREMENTS = ("diffusers",)  # a model trained on latents decodes with its VAE
 
 
-def pip_requirements() -> list[str]:
-    return [f"{name}=={installed(name).split('+')[0]}" for name in REQUIREMENTS]
+def pip_requirements(latent: bool) -> list[str]:
+    names = REQUIREMENTS + (LATENT_REQUIREMENTS if latent else ())
+    return [f"{name}=={installed(name).split('+')[0]}" for name in names]
 
 
 def signature_and_example(recommended: int | None):
@@ -67,8 +69,9 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
     if not run_file.is_file():
         raise RegistryError(f"{run_file}: no training run file; run `tim train` first")
     run = json.loads(run_file.read_text())
-    try:
-        model, _ = tim_core.load_pretrained(model_dir)  # refuse to register what the pyfunc could not load
+    try:  # refuse to register what the pyfunc could not load
+        model, _ = tim_core.load_pretrained(model_dir)
+        latent = tim_core.load_latent_space(model_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ModelError(f"{model_dir}: {e}") from None
     tracking.same_store(run.get("tracking_uri"), f"the training run in {run_file}")
@@ -87,12 +90,14 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
     with tempfile.TemporaryDirectory(prefix="tim-register-") as tmp, tracking.active():
         artifact = Path(tmp) / "tim_model"
         artifact.mkdir()
-        for name in MODEL_FILES:  # only the weights and the config, whatever else lies in the folder
+        for name in MODEL_FILES:  # only the weights and the config (and the VAE), whatever else lies in the folder
             shutil.copy2(model_dir / name, artifact / name)
+        if latent is not None:
+            shutil.copytree(model_dir / VAE_DIR, artifact / VAE_DIR)
         with mlflow.start_run(run_id=run["run_id"]):
             info = mlflow.pyfunc.log_model(
                 name="registry_model", python_model=str(PYFUNC_FILE), artifacts={"tim_model": str(artifact)},
-                code_paths=[str(Path(tim_core.__file__).parent)], pip_requirements=pip_requirements(),
+                code_paths=[str(Path(tim_core.__file__).parent)], pip_requirements=pip_requirements(latent is not None),
                 signature=signature, input_example=example, metadata=metadata,
                 model_config={"recommended_nfe": recommended, "guidance_scale": ev.cfg_scale,
                               "max_images_per_request": params.max_images_per_request})

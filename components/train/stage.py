@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,12 +21,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from components.common.errors import ModelError, ShardError
 from components.common.files import atomic_dir, file_sha256, write_json
-from components.common.tracking import MlflowParams, Tracking, git_commit, probe_tcp
-from components.data.reader import data_version, read_index, verify_shards
+from components.common.ray_cluster import ray_session
+from components.common.tracking import MlflowParams, Tracking, git_commit
+from components.data.reader import data_version, read_index, sample_shape, verify_shards
 from components.train.lineage import StorageRecord, finish_run, open_run
 from components.train.settings import OnStep, TrainParams, WorkerConfig
 from components.train.worker import EXPORT_DIR, STATE_FILE, train_loop
@@ -50,59 +48,23 @@ class TrainResult:
 
 
 def check_shards(params: TrainParams, shard_dir: Path) -> dict[str, Any]:
-    """The train split exists, matches its checksums and has a sample for every reader."""
+    """The train split exists, matches its checksums and has a sample for every reader; latent shards come with
+    the VAE they were encoded with."""
     index = read_index(shard_dir)
     verify_shards(shard_dir, "train")
+    if "latent" in index:
+        import tim_core
+
+        try:
+            tim_core.LatentSpace.load(shard_dir, index["latent"])
+        except (FileNotFoundError, ValueError) as e:
+            raise ShardError(f"{shard_dir}: latent shards without their VAE: {e}; rerun `tim encode`") from None
     readers = params.distributed.num_workers * max(1, params.data.loader_workers)
     count = index["splits"]["train"]["count"]
     if count < readers:
         raise ShardError(f"{shard_dir / 'index.json'}: the train split has {count} samples, fewer than the "
                          f"{readers} readers (num_workers x loader_workers); use fewer workers or more data")
     return index
-
-
-def _ray_address(params: TrainParams) -> str | None:
-    return params.distributed.ray_address or os.environ.get("RAY_ADDRESS") or None
-
-
-def quiet_placement_group_cleaner() -> None:
-    """Worker setup hook of the local Ray. Ray Train's placement-group cleaner polls the State API every
-    second, which needs the dashboard this Ray runs without, and would warn each time."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
-def start_local_ray(num_cpus: int, object_store_mb: int) -> None:
-    """In-process single-machine Ray: CPU workers, no dashboard, every listener on 127.0.0.1."""
-    # Ray's switch for single-machine instances; read when ray is first imported, hence before the import.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb * 2**20,
-             runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
-
-
-def connect_ray(params: TrainParams) -> bool:
-    """Join the configured cluster (probed first) or start a local Ray; True when this call started it."""
-    address, d = _ray_address(params), params.distributed
-    if address and address != "auto":
-        parsed = urlparse(address if "://" in address else f"ray://{address}")
-        probe_tcp(parsed.hostname or "", parsed.port or 6379, d.probe_timeout_s, what="Ray cluster")
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return False  # this process already runs Ray (a notebook, a test session): use it
-    if address:
-        import ray
-
-        import components
-        import tim_core
-
-        # Ship this checkout's code so the cluster runs exactly what the driver validated. As folders, not module
-        # objects: inside a Ray job, Ray deep-copies this runtime_env to merge it with the job's, and a module
-        # cannot be copied.
-        packages = [str(Path(m.__file__).parent) for m in (components, tim_core)]
-        ray.init(address=address, runtime_env={"py_modules": packages})
-    else:
-        start_local_ray(max(os.cpu_count() or 1, d.num_workers * d.cpus_per_worker), d.object_store_mb)
-    return True
 
 
 def storage_uri(params: TrainParams, project_dir: Path) -> str:
@@ -112,9 +74,9 @@ def storage_uri(params: TrainParams, project_dir: Path) -> str:
 
 
 def _model_kwargs(params: TrainParams, index: dict[str, Any]) -> dict[str, Any]:
-    image = index["image"]
+    channels, height, width = sample_shape(index)
     return {"preset": params.model.preset, **params.model.overrides, "num_classes": index["num_classes"],
-            "input_size": [image["height"], image["width"]], "in_channels": image["channels"]}
+            "input_size": [height, width], "in_channels": channels}
 
 
 # The folder of the EMA export the driver logs to a training run (lineage.finish_run's artifact_path).
@@ -148,6 +110,22 @@ def init_folder(source: str, tracking: Tracking) -> Iterator[Path]:
         raise ModelError(f"train.init_from {source}: not found in MLflow at {tracking.uri}: {exc.message}") from None
 
 
+def vae_of(latent: dict[str, Any] | None) -> str:
+    """How a model's space reads in an error: pixels, or the latents of one VAE (its name and weights' hash)."""
+    return f"latents of VAE {latent['vae']['name']} (sha256 {latent['vae']['sha256'][:12]}...)" if latent else "pixels"
+
+
+def latent_tags(index: dict[str, Any]) -> dict[str, str]:
+    """The MLflow run's record of the VAE behind latent shards (nothing for pixels)."""
+    latent = index.get("latent")
+    if not latent:
+        return {"tim.data.space": "pixels"}
+    vae = latent["vae"]
+    return {"tim.data.space": "latent", "tim.vae.name": str(vae["name"]), "tim.vae.revision": str(vae["revision"]),
+            "tim.vae.sha256": vae["sha256"], "tim.latent.scale": str(latent["scale"]),
+            "tim.latent.shift": str(latent["shift"])}
+
+
 def init_weights_digest(init_from: str | None) -> str | None:
     """The identity's share of a warm start beyond the ``init_from`` string: the hash of a folder's weights
     (an MLflow URI names its weights already, or is an alias that moves on purpose)."""
@@ -164,9 +142,10 @@ def identity_of(params: TrainParams, shard_dir: str | Path) -> str:
     return params.identity(data_version(shard_dir), init_weights_digest(params.init_from))
 
 
-def init_weights(params: TrainParams, model_kwargs: dict[str, Any], tracking: Tracking) -> dict[str, Any] | None:
+def init_weights(params: TrainParams, model_kwargs: dict[str, Any], tracking: Tracking,
+                 latent: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The state dict ``train.init_from`` names (None without it); the network it was saved from must be the one
-    this training builds."""
+    this training builds, in the same space (pixels, or the latents of the same VAE: ``latent``)."""
     if not params.init_from:
         return None
     import torch
@@ -180,13 +159,17 @@ def init_weights(params: TrainParams, model_kwargs: dict[str, Any], tracking: Tr
         if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
             raise ModelError(f"train.init_from {source}: {folder} has no {WEIGHTS} + {CONFIG} (a folder written "
                              "by `tim train`, or a model registered by `tim register`)")
-        saved = json.loads((folder / CONFIG).read_text())["model"]
+        config = json.loads((folder / CONFIG).read_text())
+        saved = config["model"]
         with torch.device("meta"):  # the configuration only, no memory
             wanted = tim_core.build_model(**model_kwargs).config
         differ = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
         if differ:
             raise ModelError(f"train.init_from {source}: its network differs from this training's in "
                              + ", ".join(f"{k} ({saved.get(k)!r} vs {wanted.get(k)!r})" for k in differ))
+        theirs, ours = (vae_of(config.get("latent")), vae_of(latent))
+        if theirs != ours:
+            raise ModelError(f"train.init_from {source}: trained on {theirs}, this training runs on {ours}")
         weights = load_file(str(folder / WEIGHTS), device="cpu")
     log.info("warm start from %s (%d tensors)", source, len(weights))
     return weights
@@ -207,10 +190,10 @@ def train(params: TrainParams, shard_dir: str | Path, out_dir: str | Path, run_f
     version = data_version(shard_dir)
     tracking.check()
     model_kwargs = _model_kwargs(params, index)
-    warm = init_weights(params, model_kwargs, tracking)
+    warm = init_weights(params, model_kwargs, tracking, index.get("latent"))
     identity = identity_of(params, shard_dir)
-    started_ray = connect_ray(params)
-    try:
+    with ray_session(d.ray_address, num_cpus=d.num_workers * d.cpus_per_worker, object_store_mb=d.object_store_mb,
+                     probe_timeout_s=d.probe_timeout_s):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -221,7 +204,7 @@ def train(params: TrainParams, shard_dir: str | Path, out_dir: str | Path, run_f
                           params.model_dump(mode="json"),
                           tags={"mlflow.source.git.commit": commit, "tim.git.dirty": str(dirty),
                                 "tim.data.version": version, "tim.data.shards": str(shard_dir),
-                                "tim.ray.checkpoints": f"{storage}/{name}"})
+                                "tim.ray.checkpoints": f"{storage}/{name}", **latent_tags(index)})
         marker.write({"run_id": run_id})
         log.info("training %s: checkpoints in %s/%s, MLflow run %s at %s", identity, storage, name, run_id,
                  tracking.uri)
@@ -260,9 +243,4 @@ def train(params: TrainParams, shard_dir: str | Path, out_dir: str | Path, run_f
             write_json(run_file, asdict(outcome))
         log.info("trained to step %d; EMA weights in %s; MLflow run %s", outcome.step, out_dir, run_id)
         return outcome
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 

@@ -6,7 +6,8 @@ Checkpoint layout (one Ray checkpoint folder, filled by all ranks):
   rng-rank{r}.pt          each rank's objective generator and torch RNG (exact continuation)
   ema.pt, state.json      rank 0: EMA state; step, images seen, identity
   export/                 rank 0, final checkpoint only: EMA weights via tim_core.save_pretrained,
-  export/raw/             and the raw (non-EMA) weights the same way (common.layout.RAW_DIR)
+  export/raw/             and the raw (non-EMA) weights the same way (common.layout.RAW_DIR); on latent
+                          shards each carries the VAE (vae/), so that a model always decodes with its own
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class Worker:
         if self.rank == 0:
             self.ema = tim_core.EMA(model, decay=p.ema.decay, warmup=p.ema.warmup)
             self.sample_model = tim_core.build_model(**model.config).to(self.device).eval()
+        self.latent = self._latent_space() if self.rank == 0 else None
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=p.optim.betas,
                                       weight_decay=p.optim.weight_decay)
@@ -120,6 +122,14 @@ class Worker:
         self.generator = torch.Generator(device=self.device).manual_seed(p.seed * 65_537 + self.rank)
         self.step, self.images = 0, 0
         self._restore(self._latest_checkpoint(ray.train.get_checkpoint()))
+
+    def _latent_space(self) -> Any:
+        """The VAE of latent shards (the stage checked it), for decoding sample grids and for the export."""
+        import tim_core
+        from components.data.reader import read_index
+
+        spec = read_index(self.config.shard_dir).get("latent")
+        return tim_core.LatentSpace.load(self.config.shard_dir, spec).to(self.device) if spec else None
 
     # --- state --------------------------------------------------------------------------------------------
     def _record(self) -> Any:
@@ -199,11 +209,11 @@ class Worker:
         lineage = {"step": self.step, "images": self.images, "identity": self.config.identity,
                    "mlflow_run_id": self.config.run_id, "objective": self.p.objective.name}
         self.ema.copy_to(self.sample_model)
-        tim_core.save_pretrained(self.sample_model, directory, transport=self.transport,
+        tim_core.save_pretrained(self.sample_model, directory, transport=self.transport, latent=self.latent,
                                  extra={"train": {**lineage, "weights": "ema"}})
         # After the EMA export: save_pretrained replaces its whole target folder.
         tim_core.save_pretrained(self.sample_model, directory / RAW_DIR, transport=self.transport, state_dict=raw,
-                                 extra={"train": {**lineage, "weights": "raw"}})
+                                 latent=self.latent, extra={"train": {**lineage, "weights": "raw"}})
 
     # --- training -----------------------------------------------------------------------------------------
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -252,7 +262,7 @@ class Worker:
         mode = "diffusion" if self.p.objective.name == "fm" else "transition"  # fm never saw r != t
         return nfe_grid(model, self.transport, [p.sample_steps], per_class=p.sample_per_class,
                         cfg_scale=p.sample_cfg_scale, seed=self.p.seed, device=self.device, mode=mode,
-                        classes=p.sample_classes)
+                        classes=p.sample_classes, latent=self.latent)
 
     def run(self) -> None:
         p, engine = self.p, self.engine

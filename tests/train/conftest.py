@@ -26,7 +26,7 @@ def tiny_params(**overrides) -> TrainParams:
 @pytest.fixture(scope="session")
 def local_ray():
     """One in-process Ray for every training test (starting it costs ~5 s)."""
-    from components.train.stage import start_local_ray
+    from components.common.ray_cluster import start_local_ray
 
     start_local_ray(num_cpus=2, object_store_mb=200)
     import ray
