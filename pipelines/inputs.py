@@ -20,7 +20,7 @@ from components.common.errors import ParamsError
 TRAIN_MODES = ("in_pod", "ray_jobs", "kuberay")
 # The sections each data task reads: its overrides are passed alone, so that its cache key does not change
 # when another stage's parameters do.
-DATA_STAGES = ("prepare", "validate", "shard")
+DATA_STAGES = ("prepare", "validate", "shard", "encode")
 
 
 def assignment(key: str, value: Any) -> str:

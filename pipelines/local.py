@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from components.common.errors import TimError
-from pipelines.inputs import form_arguments, form_values, validated_overrides
+from pipelines.inputs import DATA_STAGES, form_arguments, form_values, validated_overrides
+from pipelines.kfp_client import form_of
 from pipelines.pipeline import PIPELINE_NAME, build
 from pipelines.runtime import ERROR_SUFFIX, EXIT_MEANING, RECORD_SUFFIX, REPORTS_ENV
 
@@ -56,13 +57,6 @@ class LocalRun:
         raise KeyError(f"no output {name!r} of task {task!r} in run {self.run_dir}")
 
 
-def form_of(pipeline) -> dict[str, dict[str, Any]]:
-    """The run form of a built pipeline, as its compiled YAML has it."""
-    from google.protobuf import json_format
-
-    return json_format.MessageToDict(pipeline.pipeline_spec)["root"]["inputDefinitions"]["parameters"]
-
-
 def _records(folder: Path) -> dict[str, dict[str, Any]]:
     records = {}
     for path in folder.glob(f"*{RECORD_SUFFIX}"):
@@ -78,7 +72,9 @@ def run_local(*, params: Path, pipeline_root: Path, profile: str | None = None, 
 
     pipeline = build(LOCAL_IMAGE, params_path=str(Path(params).resolve()), mlflow_tracking_uri="",
                      cache_model_tasks=cache_model_tasks)
-    form_spec = form_of(pipeline)
+    from google.protobuf import json_format
+
+    form_spec = form_of(json_format.MessageToDict(pipeline.pipeline_spec))   # the form as the compiled YAML has it
     args = form_arguments(form_spec, form or {})
     if profile:
         args["params_profile"] = profile
@@ -103,7 +99,7 @@ def run_local(*, params: Path, pipeline_root: Path, profile: str | None = None, 
                 raise _task_error(exc, reports) from None
         new = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
         run = LocalRun(run_dir=new[-1], tasks=_records(reports), seconds=time.monotonic() - started)
-        run.cached = [t for t in ("prepare", "validate", "shard") if t not in run.tasks]
+        run.cached = [t for t in DATA_STAGES if t not in run.tasks]
         return run
     finally:
         if previous is None:
@@ -128,7 +124,8 @@ def summary(run: LocalRun) -> str:
     lines = [f"run folder: {run.run_dir} ({run.seconds:.0f} s)"]
     if run.cached:
         lines.append(f"cached (unchanged source and params, outputs of an earlier run reused): {', '.join(run.cached)}")
-    wanted = [("shard", "shards", "webdataset shards"), ("validate", "data_docs", "data validation (HTML)"),
+    wanted = [("shard", "shards", "webdataset shards"), ("encode", "encoded", "training data"),
+              ("validate", "data_docs", "data validation (HTML)"),
               ("plan", "summary", "training decision"), ("train", "model", "model"),
               ("evaluate", "report", "evaluation report (HTML)"), ("evaluate", "evaluation", "evaluation files"),
               ("samples", "grid", "sample grid (HTML)"), ("register", "registered", "registered version"),

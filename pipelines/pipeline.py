@@ -1,5 +1,6 @@
-"""The Kubeflow pipeline (KFP v2): fingerprint -> prepare -> validate -> shard -> plan -> train (in the task's pod,
-as a Ray Jobs API job, or as a KubeRay RayJob) -> train_evaluator, samples -> evaluate -> register -> promote.
+"""The Kubeflow pipeline (KFP v2): fingerprint -> prepare -> validate -> shard -> encode -> plan -> train (in the
+task's pod, as a Ray Jobs API job, or as a KubeRay RayJob) -> train_evaluator, samples -> evaluate -> register ->
+promote.
 
 Every task is a lightweight component in the project's image (chosen when compiling) whose body is one call into
 pipelines/tasks.py, which runs the stage's `tim` command with the run's ``--profile`` and ``--set`` overrides.
@@ -38,7 +39,8 @@ def fingerprint(data_source: str, data_root: str, params_profile: str, params_se
                 ) -> NamedTuple("FingerprintOutputs", [("digest", str), ("sets", list), ("prepare_key", str),
                                                        ("prepare_sets", list), ("validate_key", str),
                                                        ("validate_sets", list), ("shard_key", str),
-                                                       ("shard_sets", list)]):
+                                                       ("shard_sets", list), ("encode_key", str),
+                                                       ("encode_sets", list)]):
     """Checks the run's parameters against every params.yaml section (a wrong type or an unknown key fails here,
     before any work), then fingerprints the data source with `tim fingerprint` (object keys, sizes and ETags
     for S3; file hashes for a folder; the package version for mnist5k) and computes the data tasks' cache keys.
@@ -75,6 +77,14 @@ def shard(params_profile: str, sets: list, cache_key: str, prepared: Input[Datas
     from pipelines import tasks
 
     shards.metadata.update(tasks.shard(params_profile, sets, prepared.path, validated.path, shards.path))
+
+
+def encode(params_profile: str, sets: list, cache_key: str, shards: Input[Dataset], encoded: Output[Dataset]):
+    """`tim encode`: the data training reads, VAE latents of the images (encode.vae) or the images themselves.
+    Cached on cache_key (the VAE's files or revision, the resolved encode section and the code)."""
+    from pipelines import tasks
+
+    encoded.metadata.update(tasks.encode(params_profile, sets, shards.path, encoded.path))
 
 
 def plan(params_profile: str, sets: list, shards: Input[Dataset], force_train: bool, summary: Output[Markdown]
@@ -170,8 +180,9 @@ def build(image: str, *, params_path: str = PARAMS_IN_IMAGE, mlflow_tracking_uri
     def op(func):
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
-    ops = {f.__name__: op(f) for f in (fingerprint, prepare, validate, shard, plan, train_in_pod, train_ray_jobs,
-                                       train_kuberay, train_evaluator, samples, evaluate, register, promote)}
+    ops = {f.__name__: op(f) for f in (fingerprint, prepare, validate, shard, encode, plan, train_in_pod,
+                                       train_ray_jobs, train_kuberay, train_evaluator, samples, evaluate, register,
+                                       promote)}
 
     def setup(t, name: str, *, cache: bool, mlflow_secret=None, s3_secret=None, ray_token_secret=None):
         t.set_display_name(name).set_caching_options(cache).set_env_variable("TIM_PARAMS", params_path)
@@ -284,7 +295,10 @@ def build(image: str, *, params_path: str = PARAMS_IN_IMAGE, mlflow_tracking_uri
                                      cache_key=fp.outputs["shard_key"], prepared=prepared.outputs["prepared"],
                                      validated=validated.outputs["validated"]), "shard", cache=True)
         shards = sharded.outputs["shards"]
-        planned = setup(ops["plan"](params_profile=params_profile, sets=sets, shards=shards, force_train=force_train),
+        encoded = setup(ops["encode"](params_profile=params_profile, sets=fp.outputs["encode_sets"],
+                                      cache_key=fp.outputs["encode_key"], shards=shards), "encode", cache=True)
+        data = encoded.outputs["encoded"]   # what training reads; the image shards stay the evaluation's reference
+        planned = setup(ops["plan"](params_profile=params_profile, sets=sets, shards=data, force_train=force_train),
                         "plan", cache=False, mlflow_secret=mlflow_secret)
         with dsl.If(planned.outputs["Output"] == True, "new-data-params-or-code"):  # noqa: E712 - a KFP condition
             evaluator = setup(ops["train_evaluator"](params_profile=params_profile, sets=sets, shards=shards),
@@ -294,7 +308,7 @@ def build(image: str, *, params_path: str = PARAMS_IN_IMAGE, mlflow_tracking_uri
             # Each training mode hands its model to the same sub-pipeline: kfp.local merges exclusive branches'
             # parameters (dsl.OneOf) but not their artifacts.
             with dsl.If(train_mode == "in_pod", "in-pod"):
-                in_pod = setup(ops["train_in_pod"](params_profile=params_profile, sets=sets, shards=shards),
+                in_pod = setup(ops["train_in_pod"](params_profile=params_profile, sets=sets, shards=data),
                                "train (in pod)", cache=cache_model_tasks, mlflow_secret=mlflow_secret,
                                s3_secret=s3_secret)
                 in_pod.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_worker)
@@ -304,14 +318,14 @@ def build(image: str, *, params_path: str = PARAMS_IN_IMAGE, mlflow_tracking_uri
                       **judged).set_caching_options(cache_model_tasks)
             with dsl.Elif(train_mode == "ray_jobs", "ray-jobs"):
                 on_ray = setup(ops["train_ray_jobs"](ray_address=ray_address, params_profile=params_profile,
-                                                     sets=sets, shards=shards),
+                                                     sets=sets, shards=data),
                                "train (Ray Jobs API)", cache=cache_model_tasks, mlflow_secret=mlflow_secret,
                                ray_token_secret=ray_token_secret)
                 judge(model=on_ray.outputs["model"], train_run=on_ray.outputs["train_run"],
                       **judged).set_caching_options(cache_model_tasks)
             with dsl.Else("kuberay"):
                 on_kuberay = setup(ops["train_kuberay"](
-                    params_profile=params_profile, sets=sets, shards=shards, ray_workers=ray_workers,
+                    params_profile=params_profile, sets=sets, shards=data, ray_workers=ray_workers,
                     gpus_per_worker=gpus_per_worker, worker_memory=worker_memory, node_selector=node_selector,
                     tolerations=tolerations, mlflow_secret=mlflow_secret, s3_secret=s3_secret),
                     "train (KubeRay RayJob)", cache=cache_model_tasks, mlflow_secret=mlflow_secret,

@@ -66,7 +66,8 @@ def evaluation(out: Path) -> str:
     parts = [f"<p>objective {html.escape(str(result['objective']))}, {html.escape(result['mode'])} sampling, "
              f"{result['samples_per_set']} samples a set; floor (validation vs train) FID "
              f"{result['floor']['fid']:.4g}</p>"]
-    scales = result.get("scales") or {f"{result['cfg_scale']:g}": {"ema": result["ema"], "monotone": result["monotone"]}}
+    scales = result.get("scales") or {f"{result['cfg_scale']:g}": {"ema": result["ema"],
+                                                                    "monotone": result["monotone"]}}
     for key, figures in scales.items():
         parts += [f"<h3>EMA weights, guidance {html.escape(key)}</h3>",
                   f"<p>FID within its noise as NFE grows: <b>{verdict[figures['monotone']['verdict']]}</b></p>",

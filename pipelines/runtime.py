@@ -166,6 +166,7 @@ def tracking(profile: str, sets: Sequence[str]):
 def schemas() -> dict[str, type]:
     """Every section a pipeline run reads, with its schema: checked in the first task, before any work."""
     from components.common.tracking import MlflowParams
+    from components.data.encode import EncodeParams
     from components.data.prepare import PrepareParams
     from components.data.shard import ShardParams
     from components.data.validate import ValidateParams
@@ -175,13 +176,15 @@ def schemas() -> dict[str, type]:
     from components.registry.client import RegistryParams
     from components.train.settings import TrainParams
 
-    return {"prepare": PrepareParams, "validate": ValidateParams, "shard": ShardParams, "train": TrainParams,
+    return {"prepare": PrepareParams, "validate": ValidateParams, "shard": ShardParams, "encode": EncodeParams,
+            "train": TrainParams,
             "samples": SamplesParams, "train_evaluator": EvaluatorParams, "evaluate": EvaluateParams,
             "registry": RegistryParams, "mlflow": MlflowParams}
 
 
 # --- code identity --------------------------------------------------------------------------------------------
 DATA_CODE = ("components/cli.py", "components/common", "components/data")
+ENCODE_CODE = (*DATA_CODE, "tim_core")  # the VAE wrapper (tim_core.latent)
 TRAIN_CODE = ("components", "tim_core")
 
 

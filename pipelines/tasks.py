@@ -12,8 +12,20 @@ from typing import Any
 from pipelines import present
 from pipelines.inputs import DATA_STAGES, section_sets, validated_overrides
 from pipelines.runtime import (
-    CODE_TAG, DATA_CODE, TRAIN_CODE, TaskFailed, code_digest, key_of, params_args, project_params, scratch,
-    source, task, tim, tracking,
+    CODE_TAG,
+    DATA_CODE,
+    ENCODE_CODE,
+    TRAIN_CODE,
+    TaskFailed,
+    code_digest,
+    key_of,
+    params_args,
+    project_params,
+    scratch,
+    source,
+    task,
+    tim,
+    tracking,
 )
 
 
@@ -27,11 +39,15 @@ def fingerprint(form: Mapping[str, Any], out: str) -> dict[str, Any]:
     src = source(profile, sets)
     tim("fingerprint", *params_args(profile, section_sets(sets, "prepare")), "--out", out)
     digest = json.loads(Path(out).read_text())["digest"]
-    code = code_digest(DATA_CODE)
+    from components.data.encode import EncodeParams, vae_fingerprint
+
+    # The data tasks are cached on these: what they read besides their inputs (the source for prepare, the VAE's
+    # files for encode), their resolved section and their code.
+    outside = {"prepare": digest, "encode": vae_fingerprint(src.load("encode", EncodeParams))}
     outputs: dict[str, Any] = {"digest": digest, "sets": sets}
     for stage in DATA_STAGES:
-        # The data tasks are cached on these: the source (prepare only), their resolved section and their code.
-        outputs[f"{stage}_key"] = key_of(digest if stage == "prepare" else None, src.section(stage), code)
+        code = code_digest(ENCODE_CODE if stage == "encode" else DATA_CODE)
+        outputs[f"{stage}_key"] = key_of(outside.get(stage), src.section(stage), code)
         outputs[f"{stage}_sets"] = section_sets(sets, stage)
     print(f"source digest {digest[:12]}; cache keys: "
           + ", ".join(f"{s} {outputs[f'{s}_key'][:12]}" for s in DATA_STAGES), flush=True)
@@ -60,6 +76,18 @@ def shard(profile: str, sets: Sequence[str], prepared: str, validated: str, out:
     index = read_index(out)
     return {"data_version": data_version(out), "classes": index["num_classes"],
             **{split: entry["count"] for split, entry in index["splits"].items()}}
+
+
+@task("encode")
+def encode(profile: str, sets: Sequence[str], shards: str, out: str) -> dict[str, Any]:
+    from components.data.reader import data_version, read_index, sample_shape
+
+    tim("encode", *params_args(profile, sets), "--shards", shards, "--out", out)
+    index = read_index(out)
+    vae = (index.get("latent") or {}).get("vae") or {}
+    return {"data_version": data_version(out), "space": index["encoding"]["space"],
+            "shape": "x".join(map(str, sample_shape(index))), "vae": str(vae.get("name", "")),
+            "vae_sha256": str(vae.get("sha256", ""))}
 
 
 # --- plan: is there anything new to train? ----------------------------------------------------------------------

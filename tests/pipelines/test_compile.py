@@ -15,8 +15,8 @@ from pipelines.kfp_client import form_of, images_of, read_package
 from pipelines.pipeline import COMPILED, compile_to
 from tests.pipelines.conftest import project_copy, tim
 
-TASKS = {"fingerprint", "prepare", "validate", "shard", "plan", "train-in-pod", "train-ray-jobs", "train-kuberay",
-         "train-evaluator", "samples", "evaluate", "register", "promote"}
+TASKS = {"fingerprint", "prepare", "validate", "shard", "encode", "plan", "train-in-pod", "train-ray-jobs",
+         "train-kuberay", "train-evaluator", "samples", "evaluate", "register", "promote"}
 FORM = {"data_source", "data_root", "params_profile", "params_set", "force_train", "train_mode", "ray_address",
         "ray_workers", "gpus_per_worker", "zero_stage", "worker_memory", "node_selector", "tolerations",
         "init_from", "nfe_list", "gate", "model_name", "mlflow_tracking_uri", "mlflow_secret", "s3_secret",
@@ -91,8 +91,8 @@ def test_caching_is_on_for_the_data_tasks_only_and_gpus_are_task_settings(commit
     spec, executors = committed
     tasks = tasks_of(spec)
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    assert cached == {"prepare", "validate", "shard"}
-    for name in ("prepare", "validate", "shard"):
+    assert cached == {"prepare", "validate", "shard", "encode"}
+    for name in ("prepare", "validate", "shard", "encode"):
         assert "cache_key" in tasks[name]["inputs"]["parameters"]     # the fingerprint task's key for it
     train = tasks["train-in-pod"]
     resources = spec["deploymentSpec"]["executors"]["exec-train-in-pod"]["container"]["resources"]

@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import load_file
 
 import tim_core
-
 from components.common.params import ParamsSource
 from components.common.tracking import MlflowParams, Tracking
 from components.data.reader import data_version
@@ -103,6 +102,8 @@ def test_run_local_leaves_what_dvc_repro_leaves_and_what_the_ui_shows(first_run)
     shards, model = paths["webdataset shards"], paths["model"]
     index = json.loads((shards / "index.json").read_text())
     assert index["num_classes"] == 10 and index["splits"]["train"]["count"] + index["splits"]["val"]["count"] == 200
+    encoded = json.loads((paths["training data"] / "index.json").read_text())
+    assert encoded["encoding"]["space"] == "pixels" and encoded["splits"] == index["splits"]   # the same tars
     validated = first_run["run_dir"] / "validate" / "validated"
     assert json.loads((validated / "result.json").read_text())["success"]
     assert (validated / "docs" / "index.html").is_file() and (validated / "manifest.csv").is_file()
@@ -135,6 +136,7 @@ def test_run_local_leaves_what_dvc_repro_leaves_and_what_the_ui_shows(first_run)
 def test_weights_and_figures_equal_the_stage_functions_run_directly(first_run, tmp_path):
     """The same params through the stage functions the CLI and DVC call, in another project (own stores)."""
     from components.data import prepare, shard, validate
+    from components.data.encode import EncodeParams, encode
     from components.evaluation.evaluate import EvaluateParams, evaluate
     from components.evaluation.feature_net import EvaluatorParams, train_evaluator
     from components.train.settings import TrainParams
@@ -148,9 +150,11 @@ def test_weights_and_figures_equal_the_stage_functions_run_directly(first_run, t
     shard.shard(src.load("shard", shard.ShardParams), tmp_path / "prepared", tmp_path / "validated",
                 tmp_path / "shards")
     assert data_version(tmp_path / "shards") == data_version(first_run["paths"]["webdataset shards"])
+    encode(src.load("encode", EncodeParams), tmp_path / "shards", tmp_path / "encoded")
+    assert data_version(tmp_path / "encoded") == data_version(first_run["paths"]["training data"])
 
     store = Tracking.resolve(src.load("mlflow", MlflowParams), direct)
-    train(src.load("train", TrainParams), tmp_path / "shards", tmp_path / "model", tmp_path / "run.json",
+    train(src.load("train", TrainParams), tmp_path / "encoded", tmp_path / "model", tmp_path / "run.json",
           tracking=store, project_dir=direct)
     for weights in ("model.safetensors", "raw/model.safetensors"):
         ours, theirs = load_file(str(tmp_path / "model" / weights)), load_file(
@@ -189,7 +193,7 @@ def test_ray_jobs_mode_trains_on_a_real_ray_head_and_fails_and_cancels_cleanly(f
             weight.add_(0.5 * torch.randn(weight.shape, generator=generator))
     warm = tim_core.save_pretrained(model, tmp_path / "warm", transport=transport)
     spec = {"root": str(tmp_path), "params": str(first_run["params"]),
-            "shards": str(first_run["paths"]["webdataset shards"]), "sets": sets, "cases": {
+            "shards": str(first_run["paths"]["training data"]), "sets": sets, "cases": {
                 "same": {"sets": [], "cancel_on": None},
                 "failing": {"sets": ["train.init_from=models:/tim-mnist@nobody"], "cancel_on": None},
                 # Cancelled once Ray Train reports the step-3 checkpoint: step 1's figures are in MLflow by then.
@@ -245,10 +249,10 @@ def test_unchanged_source_reuses_the_data_tasks_and_trains_nothing(first_run):
     run = run_local(params=first_run["params"], pipeline_root=first_run["root"], profile="cpu-tiny",
                     form={**FORM, "data_source": "imagefolder", "data_root": str(first_run["folder"])})
     print(f"\nsecond run-local: {time.monotonic() - started:.0f} s")
-    assert run.cached == ["prepare", "validate", "shard"]
+    assert run.cached == ["prepare", "validate", "shard", "encode"]
     assert set(run.tasks) == {"fingerprint", "plan"}     # nothing after the plan ran
-    shards = run.output("shard", "shards")               # the plan read the first run's shards
-    assert shards == first_run["paths"]["webdataset shards"]
+    data = run.output("encode", "encoded")               # the plan read the first run's training data
+    assert data == first_run["paths"]["training data"]
     said = Path(run.tasks["plan"]["outputs"]["summary"]).read_text()
     assert said.startswith("# Nothing to train") and "tim-mnist version 1 was trained on the same data" in said
     assert [str(v.version) for v in client(first_run["store"]).search_model_versions("name='tim-mnist'")] == ["1"]
@@ -268,7 +272,7 @@ def test_changed_source_reruns_the_data_tasks_and_a_run_that_fails_moves_no_alia
     assert str(failed.value).startswith(f"task train failed: Ray cluster at {dead} does not answer")
     runs = sorted(first_run["root"].glob("tim-*"))
     newest = runs[-1]
-    assert {"prepare", "validate", "shard"} <= {p.name for p in newest.iterdir()}   # ran again, not cached
+    assert {"prepare", "validate", "shard", "encode"} <= {p.name for p in newest.iterdir()}   # ran, not cached
     assert data_version(newest / "shard" / "shards") != data_version(first_run["paths"]["webdataset shards"])
     registry = client(first_run["store"])
     assert {k: str(v) for k, v in registry.get_registered_model("tim-mnist").aliases.items()} == {"champion": "1"}
