@@ -59,6 +59,7 @@ class LockParams(StageParams):
 class RegistryParams(StageParams):
     model_name: str = "tim-mnist"
     max_images_per_request: int = Field(256, ge=1)
+    max_nfe: int = Field(1024, ge=1)  # transitions per image a request may ask for: bounds one request's work
     recommend: RecommendParams = RecommendParams()
     gate: GateParams = GateParams()
     lock: LockParams = LockParams()

@@ -72,6 +72,7 @@ class TimImageModel(mlflow.pyfunc.PythonModel):
         self.recommended_nfe = config.get("recommended_nfe")
         self.guidance_scale = float(config.get("guidance_scale", 1.0))
         self.max_images = int(config.get("max_images_per_request", 256))
+        self.max_nfe = int(config.get("max_nfe", 1024))
 
     def _requests(self, frame: pd.DataFrame) -> list[dict]:
         unknown = sorted(map(str, set(frame.columns) - set(INPUT_COLUMNS)))
@@ -96,6 +97,9 @@ class TimImageModel(mlflow.pyfunc.PythonModel):
                 raise _bad(f"row {i}: label {label} outside 0..{self.model.num_classes - 1}")
             if n < 1 or nfe < 1 or spec["guidance_scale"] < 0:
                 raise _bad(f"row {i}: num_images and nfe must be >= 1 and guidance_scale >= 0; got {row}")
+            if nfe > self.max_nfe:
+                raise _bad(f"row {i}: nfe {nfe} is above this version's limit of {self.max_nfe} transitions per "
+                           "image (registry.max_nfe)")
             rows.append({"label": label, "num_images": n, "nfe": nfe, "seed": int(spec["seed"]),
                          "guidance_scale": float(spec["guidance_scale"])})
             total = sum(r["num_images"] for r in rows)

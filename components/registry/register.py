@@ -97,10 +97,12 @@ def register(params: RegistryParams, model_dir: str | Path, run_file: str | Path
         with mlflow.start_run(run_id=run["run_id"]):
             info = mlflow.pyfunc.log_model(
                 name="registry_model", python_model=str(PYFUNC_FILE), artifacts={"tim_model": str(artifact)},
-                code_paths=[str(Path(tim_core.__file__).parent)], pip_requirements=pip_requirements(latent is not None),
+                code_paths=[str(Path(tim_core.__file__).parent)],
+                pip_requirements=pip_requirements(latent is not None),
                 signature=signature, input_example=example, metadata=metadata,
                 model_config={"recommended_nfe": recommended, "guidance_scale": ev.cfg_scale,
-                              "max_images_per_request": params.max_images_per_request})
+                              "max_images_per_request": params.max_images_per_request,
+                              "max_nfe": params.max_nfe})
         version = mlflow.register_model(info.model_uri, params.model_name, tags=tags)
     client.update_model_version(params.model_name, version.version, description=(
         f"TiM EMA weights of run {run['run_id']} ({model.num_classes} classes, {model.input_size[0]}x"

@@ -49,6 +49,7 @@ def loaded(sqlite_store):
     ({"label": [1], "colour": ["red"]}, "unknown column(s) 'colour'"),
     ({"num_images": [1], "seed": [2]}, "column 'label' is required"),
     ({"label": [1, 1], "nfe": [2, 0]}, "row 1: num_images and nfe must be >= 1"),
+    ({"label": [1], "nfe": [1025]}, "row 0: nfe 1025 is above this version's limit of 1024 transitions per image"),
     ({"label": [1, 0, 2], "num_images": [200, 50, 7]}, "row 2: num_images 7 brings the request to 257 images"),
     ({"label": [1, 2], "nfe": [2, None]}, "row 1: column 'nfe' is null; give an integer or leave the column out"),
     ({"label": [None]}, "row 0: column 'label' is null"),

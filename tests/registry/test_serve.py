@@ -32,6 +32,7 @@ BAD_REQUESTS = [
     (["label", "num_images"], [[1, 0]], "row 0: num_images and nfe must be >= 1"),
     (["label", "num_images"], [[1, 200], [0, 50], [2, 7]], "row 2: num_images 7 brings the request to 257 images"),
     (["label", "num_images"], [[1, 257]], "row 0: num_images 257"),
+    (["label", "nfe"], [[1, 2], [2, 1025]], "row 1: nfe 1025 is above this version's limit of 1024 transitions"),
     # The model checks columns and cells itself (its signature has no input schema, whose enforcement would drop
     # an unknown column with a 200 and refuse a null without naming the row).
     (["num_images", "seed"], [[1, 2]], "column 'label' is required"),
