@@ -44,6 +44,30 @@ def loss_history(tracking_uri: str, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in history}
 
 
+def train_through_a_worker_failure(shards, tmp_path, **overrides):
+    """Train cpu-tiny while rank 1 fails once at step 4 (Ray restarts the worker group, max_failures = 1); check
+    that the run went on from the step-3 checkpoint, not from step 0: rank 0 saw steps 1-3 once (a restart from
+    scratch would repeat them), then 4-6, and every step is logged once. Returns the TrainResult."""
+    marker, steps_seen = tmp_path / "failed-once", tmp_path / "steps.txt"
+
+    def fail_once(rank: int, step: int) -> None:
+        if rank == 0:
+            with open(steps_seen, "a") as f:
+                f.write(f"{step}\n")
+        if rank == 1 and step == 4 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected worker failure")
+
+    params = tiny_params(**deep_merge({"distributed": {"max_failures": 1}, "schedule": {"sample_every": 0}},
+                                      overrides))
+    result = train(params, shards, tmp_path / "model", project_dir=tmp_path, on_step=fail_once)
+    assert marker.exists() and result.step == 6
+    steps = [int(s) for s in steps_seen.read_text().split()]
+    assert steps[:3] == [1, 2, 3] and steps.count(1) == 1 and steps.count(3) == 1 and steps[-3:] == [4, 5, 6]
+    assert sorted(loss_history(result.tracking_uri, result.run_id)) == [1, 2, 3, 4, 5, 6]
+    return result
+
+
 def export_weights(directory) -> dict[str, torch.Tensor]:
     import tim_core
 

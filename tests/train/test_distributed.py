@@ -15,7 +15,7 @@ import torch
 from components.common.tracking import Tracking
 from components.train.stage import train
 
-from .conftest import assert_same_weights, export_weights, loss_history, tiny_params
+from .conftest import assert_same_weights, export_weights, loss_history, tiny_params, train_through_a_worker_failure
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,8 @@ def test_zero2_run_trains_checkpoints_tracks_and_exports(reference):
     checkpoints = sorted(p for p in (project / "runs" / "train" / f"train-{result.identity}").iterdir() if p.is_dir())
     assert len(checkpoints) == 2
     for checkpoint in checkpoints:
-        assert {"latest", "ema.pt", "state.json", "rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
+        files = {p.name for p in checkpoint.iterdir()}
+        assert {"latest", "ema.pt", "state.json", "rng-rank0.pt", "rng-rank1.pt"} <= files
     assert [json.loads((c / "state.json").read_text())["step"] for c in checkpoints] == [3, 6]
 
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
@@ -100,23 +101,7 @@ def test_restart_resumes_from_checkpoint_into_the_same_run_on_a_postgres_server(
 
 def test_a_worker_failure_restarts_from_the_last_checkpoint(reference, shards, tmp_path):
     project, ref = reference
-    marker, steps_seen = tmp_path / "failed-once", tmp_path / "steps.txt"
-
-    def fail_once(rank: int, step: int) -> None:
-        if rank == 0:
-            with open(steps_seen, "a") as f:
-                f.write(f"{step}\n")
-        if rank == 1 and step == 4 and not marker.exists():
-            marker.touch()
-            raise RuntimeError("injected worker failure")
-
-    result = train(tiny_params(distributed={"max_failures": 1}, schedule={"sample_every": 0}), shards,
-                   tmp_path / "model", project_dir=tmp_path, on_step=fail_once)
-    assert marker.exists() and result.step == 6
-    # Resumed from the step-3 checkpoint: rank 0 saw steps 1-3 once (a restart from scratch would repeat them).
-    steps = [int(s) for s in steps_seen.read_text().split()]
-    assert steps[:3] == [1, 2, 3] and steps.count(1) == 1 and steps.count(3) == 1 and steps[-3:] == [4, 5, 6]
-    assert sorted(loss_history(result.tracking_uri, result.run_id)) == [1, 2, 3, 4, 5, 6]
+    train_through_a_worker_failure(shards, tmp_path)   # data.resume: exact (the default) replays the stream
     assert_same_weights(export_weights(tmp_path / "model"), export_weights(project / "model"), atol=1e-5)
 
 

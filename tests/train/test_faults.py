@@ -14,7 +14,14 @@ import sys
 
 import pytest
 
-from .conftest import REPO, assert_same_weights, export_weights, loss_history, tiny_params
+from .conftest import (
+    REPO,
+    assert_same_weights,
+    export_weights,
+    loss_history,
+    tiny_params,
+    train_through_a_worker_failure,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -85,25 +92,9 @@ def test_reshuffle_resume_continues_at_the_checkpoint_with_a_new_data_order(refe
     and RNG state as the reference's step 4 (the exact resume of test_distributed.py replays it to 1e-5), so its
     raw MSE differs from the reference's only through the batch: a different data order. (train/loss cannot
     tell: with the adaptive weighting each row's term is w L / (L + c), about the mean weight whatever the data.)"""
-    from components.train.stage import train
-
     project, ref = reference
-    marker, steps_seen = tmp_path / "failed-once", tmp_path / "steps.txt"
-
-    def fail_once(rank: int, step: int) -> None:
-        if rank == 0:
-            with open(steps_seen, "a") as f:
-                f.write(f"{step}\n")
-        if rank == 1 and step == 4 and not marker.exists():
-            marker.touch()
-            raise RuntimeError("injected worker failure")
-
-    params = tiny_params(data={"resume": "reshuffle"}, distributed={"max_failures": 1}, schedule={"sample_every": 0})
-    result = train(params, shards, tmp_path / "model", project_dir=tmp_path, on_step=fail_once)
-    assert marker.exists() and result.step == 6 and result.identity == ref.identity  # resume is a runtime knob
-    steps = [int(s) for s in steps_seen.read_text().split()]
-    assert steps[:3] == [1, 2, 3] and steps.count(1) == 1 and steps.count(3) == 1 and steps[-3:] == [4, 5, 6]
-    assert sorted(loss_history(result.tracking_uri, result.run_id)) == [1, 2, 3, 4, 5, 6]
+    result = train_through_a_worker_failure(shards, tmp_path, data={"resume": "reshuffle"})
+    assert result.identity == ref.identity   # resume is a runtime knob
     mse, ref_mse = raw_mse(result.tracking_uri, result.run_id), raw_mse(ref.tracking_uri, ref.run_id)
     assert [mse[s] for s in (1, 2, 3)] == pytest.approx([ref_mse[s] for s in (1, 2, 3)], rel=1e-5)
     for s in (4, 5, 6):
