@@ -49,6 +49,11 @@ class LatentSpace:
         self.digest = weights_digest(vae)
 
     @property
+    def identity(self) -> dict[str, Any]:
+        """Where the weights came from and their sha256: the "vae" entry of a spec."""
+        return {**self.source, "sha256": self.digest}
+
+    @property
     def factor(self) -> int:
         """Image side / latent side."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -61,7 +66,7 @@ class LatentSpace:
         """What a data index and a model config record: the latent shape, scale, shift and the VAE's identity."""
         channels, height, width = latent_shape
         return {"channels": channels, "height": height, "width": width, "scale": self.scale, "shift": self.shift,
-                "factor": self.factor, "vae": {**self.source, "sha256": self.digest}}
+                "factor": self.factor, "vae": self.identity}
 
     def to(self, device: str | torch.device) -> LatentSpace:
         self.vae.to(device)

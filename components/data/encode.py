@@ -34,6 +34,7 @@ from components.common.errors import DataError, ModelError
 from components.common.files import atomic_dir, file_sha256
 from components.common.params import StageParams
 from components.data.reader import data_version, decode_sample, read_index, verify_shards
+from tim_core.latent import LatentSpace  # imports diffusers only when a VAE is loaded
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _samples(tar: bytes, name: str) -> list[dict[str, Any]]:
     return list(group_by_keys(tar_file_expander([{"url": name, "stream": io.BytesIO(tar)}])))
 
 
-def encode_tar(space: Any, tar: bytes, name: str, batch_size: int) -> bytes:
+def encode_tar(space: LatentSpace, tar: bytes, name: str, batch_size: int) -> bytes:
     """One image shard's bytes -> the latent shard's bytes (same keys, same order, byte-identical on rerun)."""
     import webdataset as wds
 
@@ -107,12 +108,10 @@ class EncodeActor:
                  device: str, threads: int) -> None:
         from diffusers import AutoencoderKL
 
-        import tim_core
-
         torch.set_num_threads(threads)
         vae = AutoencoderKL.from_config(vae_config)
         vae.load_state_dict(weights)
-        self.space = tim_core.LatentSpace(vae, spec["scale"], spec["shift"], spec["vae"]).to(device)
+        self.space = LatentSpace(vae, spec["scale"], spec["shift"], spec["vae"]).to(device)
         if self.space.digest != spec["vae"]["sha256"]:
             raise RuntimeError("the VAE's weights changed on their way to a Ray worker")
 
@@ -120,12 +119,10 @@ class EncodeActor:
         return encode_tar(self.space, tar, name, batch_size)
 
 
-def load_space(params: EncodeParams, channels: int) -> Any:
+def load_space(params: EncodeParams, channels: int) -> LatentSpace:
     """The VAE the params name, checked against the images' channels."""
-    import tim_core
-
     try:
-        space = tim_core.LatentSpace.from_source(params.vae, params.revision, params.subfolder, params.scale,
+        space = LatentSpace.from_source(params.vae, params.revision, params.subfolder, params.scale,
                                                  params.shift)
     except (FileNotFoundError, ValueError) as e:
         raise ModelError(f"encode.vae: {e}") from None
@@ -147,7 +144,8 @@ def link_images(shard_dir: Path, index: dict[str, Any], tmp: Path) -> dict[str, 
     return index["splits"]
 
 
-def encode_splits(params: EncodeParams, space: Any, shard_dir: Path, index: dict[str, Any], tmp: Path) -> dict:
+def encode_splits(params: EncodeParams, space: LatentSpace, shard_dir: Path, index: dict[str, Any],
+                  tmp: Path) -> dict:
     """Every image shard -> a latent shard under ``tmp``; the new splits entry of the index."""
     jobs = [(split, shard) for split, entry in index["splits"].items() for shard in entry["shards"]]
     total = sum(shard["count"] for _, shard in jobs)
@@ -174,7 +172,8 @@ def encode_splits(params: EncodeParams, space: Any, shard_dir: Path, index: dict
     return splits
 
 
-def encode_on_ray(params: EncodeParams, space: Any, shard_dir: Path, jobs: list, store) -> list[dict[str, Any]]:
+def encode_on_ray(params: EncodeParams, space: LatentSpace, shard_dir: Path, jobs: list,
+                  store) -> list[dict[str, Any]]:
     from components.common.ray_cluster import ray_session
 
     with ray_session(params.ray_address, num_cpus=params.num_workers * params.cpus_per_worker,
@@ -184,7 +183,7 @@ def encode_on_ray(params: EncodeParams, space: Any, shard_dir: Path, jobs: list,
 
         gpu = params.device == "cuda" or (params.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         actor = ray.remote(num_cpus=params.cpus_per_worker, num_gpus=1 if gpu else 0)(EncodeActor)
-        spec = {"scale": space.scale, "shift": space.shift, "vae": {**space.source, "sha256": space.digest}}
+        spec = {"scale": space.scale, "shift": space.shift, "vae": space.identity}
         weights = ray.put({k: v.cpu() for k, v in space.vae.state_dict().items()})
         pool = ActorPool([actor.remote(dict(space.vae.config), weights, spec, "cuda" if gpu else "cpu",
                                        params.cpus_per_worker) for _ in range(params.num_workers)])
